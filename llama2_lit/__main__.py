@@ -1,0 +1,4 @@
+from llama2_lit.cli import main
+
+if __name__ == "__main__":
+    main()

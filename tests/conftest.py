@@ -1,0 +1,30 @@
+"""Shared test fixtures. Tests run offline (no W&B account, no Hugging Face hub)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Meta's real tokenizer lives beside the project (never copied into it).
+META_TOKENIZER = REPO_ROOT.parent / "shared" / "assets" / "llama2-tokenizer.model"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def meta_tokenizer_path() -> Path:
+    if not META_TOKENIZER.is_file():
+        pytest.skip(f"Meta's Llama 2 tokenizer is not present at {META_TOKENIZER}")
+    return META_TOKENIZER
