@@ -1,0 +1,1 @@
+"""Data: the toy world, its oracle, record formats and LightningDataModules."""
