@@ -1,0 +1,142 @@
+"""Checkable system instructions for Ghost Attention (paper section 3.3; spec section 7).
+
+The paper's GAtt instructions are hobbies ("You enjoy e.g. Tennis"), languages ("Speak in e.g.
+French") and public figures ("Act as e.g. Napoleon"), combined at random, and "half of the time"
+shortened ("Always act as Napoleon from now" -> "Figure: Napoleon."). Ours are the same idea,
+made checkable by a program:
+
+=============  ==============================================  ===========================  ==========================================
+type           full instruction                                short form                   holds when the reply ...
+=============  ==============================================  ===========================  ==========================================
+``persona``    Act as {figure}: always begin your reply with   Figure: {figure}.            starts with the figure's greeting (words,
+               "{greeting}".                                                                case and punctuation ignored)
+``uppercase``  Always answer in capital letters.               Style: capital letters.      has no lowercase letter ("12 + 7 = 19."
+                                                                                            follows it too)
+``signoff``    Always end your reply with "{phrase}".          Sign-off: {phrase}           ends with the phrase (words compared)
+``max_words``  Answer in at most {n} words.                    Limit: {n} words.            has at most n whitespace-separated words
+``hobby``      You enjoy {hobby}; mention it in every reply.   Hobby: {hobby}.              mentions the hobby
+=============  ==============================================  ===========================  ==========================================
+
+A spec is a small dict (``{"type": "signoff", "phrase": "Stay curious!"}``); records carry their
+specs in ``meta["constraints"]``. The short persona form does not state the greeting: the model
+must know the figure (the pretraining corpus tells each figure's greeting) — the "knowledge
+mismatch" the paper avoids by drawing personas the model already knows.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+CONSTRAINT_TYPES = ("persona", "uppercase", "signoff", "max_words", "hobby")
+
+Spec = dict[str, Any]
+
+
+def _words(text: str) -> list[str]:
+    """Lowercased words without punctuation: how greetings, sign-offs and hobbies are compared."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower().replace("’", "'").replace("'", "")).split()
+
+
+def full_instruction(spec: Spec) -> str:
+    kind = spec["type"]
+    if kind == "persona":
+        return f'Act as {spec["figure"]}: always begin your reply with "{spec["greeting"]}".'
+    if kind == "uppercase":
+        return "Always answer in capital letters."
+    if kind == "signoff":
+        return f'Always end your reply with "{spec["phrase"]}".'
+    if kind == "max_words":
+        return f"Answer in at most {spec['n']} words."
+    if kind == "hobby":
+        return f"You enjoy {spec['hobby']}; mention it in every reply."
+    raise ValueError(f"unknown constraint type {kind!r}; known types are {CONSTRAINT_TYPES}")
+
+
+def short_instruction(spec: Spec) -> str:
+    kind = spec["type"]
+    if kind == "persona":
+        return f"Figure: {spec['figure']}."
+    if kind == "uppercase":
+        return "Style: capital letters."
+    if kind == "signoff":
+        return f"Sign-off: {spec['phrase']}"
+    if kind == "max_words":
+        return f"Limit: {spec['n']} words."
+    if kind == "hobby":
+        return f"Hobby: {spec['hobby']}."
+    raise ValueError(f"unknown constraint type {kind!r}; known types are {CONSTRAINT_TYPES}")
+
+
+def system_message(specs: list[Spec], *, short: bool = False) -> str:
+    """The system instruction for a combination of constraints (one sentence each)."""
+    render = short_instruction if short else full_instruction
+    return " ".join(render(s) for s in specs)
+
+
+_PARSERS: tuple[tuple[re.Pattern[str], Any], ...] = (
+    (re.compile(r'Act as (?P<figure>[^:]+): always begin your reply with "(?P<greeting>[^"]+)"\.'),
+     lambda m: {"type": "persona", "figure": m["figure"], "greeting": m["greeting"]}),
+    (re.compile(r"Figure: (?P<figure>[^.]+)\."), lambda m: {"type": "persona", "figure": m["figure"], "greeting": None}),
+    (re.compile(r"Always answer in capital letters\.|Style: capital letters\."), lambda m: {"type": "uppercase"}),
+    (re.compile(r'Always end your reply with "(?P<phrase>[^"]+)"\.'), lambda m: {"type": "signoff", "phrase": m["phrase"]}),
+    (re.compile(r"Sign-off: (?P<phrase>.+?[.!?])(?= |$)"), lambda m: {"type": "signoff", "phrase": m["phrase"]}),
+    (re.compile(r"(?:Answer in at most|Limit:) (?P<n>\d+) words\."), lambda m: {"type": "max_words", "n": int(m["n"])}),
+    (re.compile(r"You enjoy (?P<hobby>[^;]+); mention it in every reply\."), lambda m: {"type": "hobby", "hobby": m["hobby"]}),
+    (re.compile(r"Hobby: (?P<hobby>[^.]+)\."), lambda m: {"type": "hobby", "hobby": m["hobby"]}),
+)
+
+
+def parse_system(system: str) -> list[Spec]:
+    """The constraint specs stated by a system message written with ``system_message`` (full or
+    short forms), in order of appearance. A short persona (``Figure: X.``) has ``greeting=None``:
+    checking it needs the record's meta. Other text in the system message is ignored."""
+    found: list[tuple[int, Spec]] = []
+    for pattern, build in _PARSERS:
+        for match in pattern.finditer(system):
+            found.append((match.start(), build(match)))
+    found.sort(key=lambda item: item[0])
+    return [spec for _, spec in found]
+
+
+def check_constraint(spec: Spec, response: str) -> bool:
+    kind = spec["type"]
+    if kind == "persona":
+        if not spec.get("greeting"):
+            raise ValueError(
+                f"cannot check persona {spec.get('figure')!r} without its greeting: the short form "
+                "'Figure: X.' does not state it; pass the record's meta['constraints']"
+            )
+        greeting = _words(spec["greeting"])
+        return _words(response)[: len(greeting)] == greeting
+    if kind == "uppercase":
+        return not any(c.islower() for c in response)  # "12 + 7 = 19." follows it too
+    if kind == "signoff":
+        phrase = _words(spec["phrase"])
+        return _words(response)[-len(phrase):] == phrase
+    if kind == "max_words":
+        return len(response.split()) <= int(spec["n"])
+    if kind == "hobby":
+        return f" {' '.join(_words(spec['hobby']))} " in f" {' '.join(_words(response))} "
+    raise ValueError(f"unknown constraint type {kind!r}; known types are {CONSTRAINT_TYPES}")
+
+
+def failed_constraints(specs: list[Spec], response: str) -> list[str]:
+    """Types of the constraints the response breaks (empty when it follows all of them)."""
+    return [s["type"] for s in specs if not check_constraint(s, response)]
+
+
+def apply_constraints(answer: str, specs: list[Spec]) -> str:
+    """Rewrites an answer so that it follows every constraint (how the world writes its GAtt
+    demonstrations). ``max_words`` is not enforced here: the world picks n from the result."""
+    kinds = {s["type"]: s for s in specs}
+    text = answer
+    if "hobby" in kinds:
+        text = f"{text} By the way, I love {kinds['hobby']['hobby']}."
+    if "persona" in kinds:
+        text = f"{kinds['persona']['greeting']} {text}"
+    if "signoff" in kinds:
+        text = f"{text} {kinds['signoff']['phrase']}"
+    if "uppercase" in kinds:
+        text = text.upper()
+    return text
