@@ -1,0 +1,203 @@
+"""The Lightning CLI: every config validates; nano pretraining and SFT run from the command line,
+resume into the same W&B run, refuse to clobber a run, stop cleanly on NaN; SFT raises the
+oracle's helpfulness; ``llama2-lit runs`` tabulates and plots runs."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from llama2_lit.runs import load_run, runs_main
+from llama2_lit.stages.cli import lightning_main
+from llama2_lit.stages.toy_world import TOKENIZER_PATH, ensure_toy_assets
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO_ROOT / "configs").rglob("*.yaml"))
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run ~10x faster on one thread than on two when the CPU is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as file:
+        return list(csv.DictReader(file))
+
+
+def steps_of(path: Path, metric: str) -> list[int]:
+    return [int(row["step"]) for row in rows(path) if row["metric"] == metric]
+
+
+# ------------------------------------------------------------------------------------ configs
+def test_there_are_configs_for_every_size_and_stage():
+    names = {str(path.relative_to(REPO_ROOT / "configs")) for path in CONFIGS}
+    assert {f"{size}/{stage}.yaml" for size in ("nano", "micro", "llama2-7b") for stage in ("pretrain", "sft")} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda path: str(path.relative_to(REPO_ROOT / "configs")))
+def test_every_config_validates(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        lightning_main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] in ("llama2_lit.stages.PretrainModule", "llama2_lit.stages.SFTModule")
+    assert printed["data"]["class_path"].startswith("llama2_lit.data.datamodules.")
+    assert printed["checkpoint"]["save_last"] is True
+
+
+def test_a_misspelled_key_is_refused(tmp_path, capsys):
+    text = (REPO_ROOT / "configs" / "nano" / "pretrain.yaml").read_text().replace("    lr: 3.0e-3", "    lrr: 3.0e-3")
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        lightning_main(["fit", "--config", str(tmp_path / "bad.yaml"), "--print_config"])
+    assert exit_info.value.code != 0
+    assert "Option 'lrr' is not accepted" in capsys.readouterr().err
+
+
+def test_llama2_7b_configs_carry_the_papers_hyperparameters():
+    pretrain = yaml.safe_load((REPO_ROOT / "configs" / "llama2-7b" / "pretrain.yaml").read_text())
+    model, data, trainer = pretrain["model"]["init_args"], pretrain["data"]["init_args"], pretrain["trainer"]
+    assert (model["lr"], model["warmup_steps"], model["min_lr_ratio"]) == (3e-4, 2000, 0.1)  # 2.2, Table 1
+    assert (tuple(model["betas"]), model["eps"], model["weight_decay"], model["grad_clip"]) == ((0.9, 0.95), 1e-5, 0.1, 1.0)
+    tokens = data["seq_len"] * data["batch_size"] * trainer["accumulate_grad_batches"] * trainer["devices"]
+    assert data["seq_len"] == 4096 and tokens == 4 * 2**20  # 4M-token batches (Table 1)
+    assert trainer["strategy"]["init_args"]["param_dtype"] == "bfloat16" and trainer["devices"] == 8
+
+    sft = yaml.safe_load((REPO_ROOT / "configs" / "llama2-7b" / "sft.yaml").read_text())
+    model, data, trainer = sft["model"]["init_args"], sft["data"]["init_args"], sft["trainer"]
+    assert (model["lr"], model["weight_decay"], trainer["max_epochs"], data["max_seq_len"]) == (2e-5, 0.1, 2, 4096)
+    assert data["batch_size"] * trainer["accumulate_grad_batches"] * trainer["devices"] == 64  # 3.1
+
+
+# ------------------------------------------------------------------------------------ nano runs
+@pytest.fixture(scope="module")
+def nano_pretrain(tmp_path_factory) -> Path:
+    """Nano pretraining from the CLI: 20 of 30 steps, then ``--ckpt_path last`` for the rest."""
+    run_dir = tmp_path_factory.mktemp("runs") / "pretrain-nano"
+    args = ["fit", "--config", "configs/nano/pretrain.yaml", "--model.init_args.total_steps", "30",
+            "--trainer.val_check_interval", "10", "--trainer.limit_val_batches", "4",
+            "--checkpoint.every_n_train_steps", "10", "--run.dir", str(run_dir), *QUIET]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with contextlib.chdir(REPO_ROOT):
+        ensure_toy_assets()
+        assert lightning_main([*args, "--trainer.max_steps", "20"]) == 0
+        assert lightning_main([*args, "--trainer.max_steps", "30", "--ckpt_path", "last"]) == 0
+    torch.set_num_threads(before)
+    return run_dir
+
+
+def test_nano_pretraining_resumes_into_the_same_run(nano_pretrain):
+    run_dir = nano_pretrain
+    info = json.loads((run_dir / "run.json").read_text())
+    assert (info["stage"], info["size"], info["group"], info["job_type"]) == ("pretrain", "nano", "nano", "pretrain")
+    assert info["name"].startswith("pretrain-nano-")
+    # Both invocations logged to the one W&B run (offline: one folder per process, same id).
+    wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and all(path.name.endswith("-" + info["wandb_id"]) for path in wandb_runs)
+    # metrics.csv: each step once, in order, across the two processes.
+    metrics = run_dir / "metrics.csv"
+    assert steps_of(metrics, "train/loss") == [9, 19, 29]
+    assert steps_of(metrics, "val/ppl") == [9, 19, 29]
+    assert {row["metric"] for row in rows(metrics)} >= {"train/lr", "train/grad_norm", "perf/tokens_per_s",
+                                                       "perf/mfu", "train/tokens", "val/loss"}
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 30
+    assert checkpoint["model_config"]["name"] == "nano"
+    assert checkpoint["tokenizer_path"] == str((REPO_ROOT / TOKENIZER_PATH).resolve())
+    assert checkpoint["tokens_seen"] == 30 * 16 * 128
+    assert len(checkpoint["rng_states"]) == 1
+    assert (run_dir / "config.yaml").is_file()
+
+
+def test_validate_a_checkpoint_from_the_cli(nano_pretrain, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    assert lightning_main(["validate", "--config", "configs/nano/pretrain.yaml", "--ckpt_path", "last",
+                           "--trainer.limit_val_batches", "4", "--run.dir", str(nano_pretrain),
+                           "--run.wandb", "false", *QUIET]) == 0
+    validated = {row["metric"]: float(row["value"]) for row in rows(nano_pretrain / "validate-metrics.csv")}
+    trained = {row["metric"]: float(row["value"]) for row in rows(nano_pretrain / "metrics.csv") if row["step"] == "29"}
+    assert validated["val/ppl"] == pytest.approx(trained["val/ppl"], rel=1e-5)  # same weights, same batches
+
+
+def test_a_fresh_fit_does_not_clobber_a_run(nano_pretrain, monkeypatch, capsys):
+    monkeypatch.chdir(REPO_ROOT)
+    assert lightning_main(["fit", "--config", "configs/nano/pretrain.yaml", "--run.dir", str(nano_pretrain),
+                           "--run.wandb", "false", *QUIET]) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert torch.load(nano_pretrain / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 30
+
+
+def test_a_nan_stops_the_cli_with_a_clear_message(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO_ROOT)
+    ensure_toy_assets()
+    status = lightning_main(["fit", "--config", "configs/nano/pretrain.yaml", "--trainer.max_steps", "8",
+                             "--model.init_args.warmup_steps", "2", "--trainer.limit_val_batches", "0",
+                             "--checkpoint.every_n_train_steps", "3", "--run.dir", str(tmp_path), "--run.wandb", "false",
+                             "--trainer.callbacks+=llama2_lit.stages.callbacks.InjectNonFinite",
+                             "--trainer.callbacks.at_step", "4", "--trainer.callbacks.target", "weights", *QUIET])
+    assert status == 1
+    error = capsys.readouterr().err
+    assert "non-finite training loss (nan) at step 4" in error and "last.ckpt" in error
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_nano_sft_raises_the_oracles_helpfulness(nano_pretrain, tmp_path, monkeypatch):
+    from llama2_lit.checkpoints import load_model
+    from llama2_lit.data.records import load_records
+    from llama2_lit.stages.callbacks import helpfulness_summary, oracle_answers
+    from llama2_lit.tokenizer import Tokenizer
+
+    monkeypatch.chdir(REPO_ROOT)
+    pretrained = nano_pretrain / "checkpoints" / "last.ckpt"
+    run_dir = tmp_path / "sft-nano"
+    assert lightning_main(["fit", "--config", "configs/nano/sft.yaml", "--model.init_args.init_from", str(pretrained),
+                           "--trainer.max_steps", "100", "--trainer.val_check_interval", "100",
+                           "--checkpoint.every_n_train_steps", "100", "--run.dir", str(run_dir),
+                           "--run.wandb", "false", *QUIET]) == 0
+    after = {row["metric"]: float(row["value"]) for row in rows(run_dir / "metrics.csv") if row["step"] == "99"}
+
+    # The same 32 held-out prompts (the config's callback), answered by the pretrained model.
+    callback = yaml.safe_load((REPO_ROOT / "configs" / "nano" / "sft.yaml").read_text())["trainer"]["callbacks"][0]
+    prompts = load_records(callback["init_args"]["prompts_file"], "prompts")[: callback["init_args"]["num_prompts"]]
+    answers = oracle_answers(load_model(pretrained), Tokenizer(REPO_ROOT / TOKENIZER_PATH), prompts,
+                             max_new_tokens=callback["init_args"]["max_new_tokens"])
+    before = helpfulness_summary(answers)
+    assert after["val/helpfulness"] >= before["helpfulness"] + 0.05, (before, after)
+    assert after["val/helpfulness_harmful"] > before["helpfulness_harmful"]  # it learned to refuse helpfully
+    assert load_run(run_dir).info["stage"] == "sft"
+
+
+# ------------------------------------------------------------------------------------ runs
+def test_runs_command_tables_and_plots(tmp_path, capsys):
+    for name, scale in (("pretrain-micro", 1.0), ("pretrain-nano", 2.0)):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        (run_dir / "run.json").write_text(json.dumps({"name": name, "stage": "pretrain", "size": name[9:]}))
+        lines = ["step,metric,value,time"]
+        for step in (9, 19, 29):
+            lines += [f"{step},train/loss,{scale * 30 / (step + 1)},{1000 + step}", f"{step},val/ppl,{scale * 100 / (step + 1)},{1000 + step}"]
+        lines.append(f"19,train/loss,{scale * 0.5},1100")  # logged again after a resume: the later row wins
+        (run_dir / "metrics.csv").write_text("\n".join(lines) + "\n")
+    assert runs_main([str(tmp_path / "pretrain-micro"), str(tmp_path / "pretrain-nano"), "--plot",
+                      str(tmp_path / "plot.png")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["run", "stage", "size", "steps", "wall", "train/loss", "val/ppl"]
+    assert table[2].split() == ["pretrain-micro", "pretrain", "micro", "29", "1.5m", "1.0000", "3.3333"]
+    assert table[3].split() == ["pretrain-nano", "pretrain", "nano", "29", "1.5m", "2.0000", "6.6667"]
+    assert (tmp_path / "plot.png").stat().st_size > 10_000
+    assert load_run(tmp_path / "pretrain-nano").series["train/loss"] == [(9, 6.0), (19, 1.0), (29, 2.0)]
+    with pytest.raises(SystemExit):
+        runs_main([str(tmp_path / "missing")])

@@ -1,0 +1,103 @@
+"""Two CPU processes (gloo): FSDP2 and DDP train nano pretraining through the CLI, the same numbers.
+
+One purposeful test, three launches:
+
+1. FSDP2 (``--trainer.strategy fsdp2``, launched like a cluster job with torchrun) trains 4 steps
+   and saves a sharded checkpoint (a DCP directory);
+2. the same command with ``--ckpt_path last`` resumes it from the shards and trains steps 5-6,
+   validating after each step with the oracle callback generating under FSDP;
+3. DDP (``--trainer.strategy ddp``, Lightning's own launcher) trains the 6 steps uninterrupted.
+
+Both runs start from the same weights (under FSDP rank 0 builds them and they are broadcast
+shard by shard), see the same data (each rank reads every other window), and average gradients
+over the 2 ranks, so their per-step losses agree up to float summation order; that checks the
+sharding, the sharded resume (weights, optimizer, schedule, data position) and DDP at once. The
+sharded checkpoint is then consolidated into one file that ``llama2-lit convert`` reads, and its
+weights equal DDP's final weights.
+
+``strategy="ddp"`` never runs inside pytest (it would relaunch pytest): every launch is a
+subprocess with a timeout.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama2_lit.checkpoints import load_checkpoint
+from llama2_lit.parallelize import consolidate_checkpoint, is_sharded_checkpoint
+from llama2_lit.stages.toy_world import ensure_toy_assets
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 240
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    with (run_dir / "metrics.csv").open() as file:
+        return {int(row["step"]): float(row["value"]) for row in csv.DictReader(file) if row["metric"] == "train/loss"}
+
+
+def launch(command: list[str], run_dir: Path, *extra: str) -> None:
+    args = ["fit", "--config", "configs/nano/pretrain.yaml", "--trainer.devices", "2",
+            "--model.init_args.total_steps", "6", "--model.init_args.warmup_steps", "2",
+            "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0",
+            "--checkpoint.every_n_train_steps", "4", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--run.dir", str(run_dir), "--run.wandb", "false", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    result = subprocess.run([*command, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=TIMEOUT_S)
+    assert result.returncode == 0, f"{' '.join(command + args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+
+
+def test_fsdp2_and_ddp_on_two_processes_train_resume_and_consolidate(tmp_path):
+    with_cwd = Path.cwd()
+    os.chdir(REPO_ROOT)
+    try:
+        ensure_toy_assets()  # before launching, so that no rank races to generate them
+    finally:
+        os.chdir(with_cwd)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "llama2_lit"]
+    lightning = [sys.executable, "-m", "llama2_lit"]
+    fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
+
+    launch(torchrun, fsdp, "--trainer.strategy", "fsdp2", "--trainer.max_steps", "4")
+    last = fsdp / "checkpoints" / "last.ckpt"
+    assert is_sharded_checkpoint(last) and sorted(p.name for p in last.glob("*.distcp")) == \
+        ["__0_0.distcp", "__1_0.distcp"]  # one shard file per rank
+    # The resumed run also validates after each step, with the oracle callback decoding under
+    # FSDP (all ranks in lockstep) before training goes on: generation must not break training.
+    launch(torchrun, fsdp, "--trainer.strategy", "fsdp2", "--trainer.max_steps", "6", "--ckpt_path", "last",
+           "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "2",
+           "--trainer.callbacks+=llama2_lit.stages.callbacks.OracleHelpfulness",
+           "--trainer.callbacks.prompts_file", "data/world/rl_prompts_eval.jsonl",
+           "--trainer.callbacks.num_prompts", "4", "--trainer.callbacks.max_new_tokens", "6")
+    launch(lightning, ddp, "--trainer.strategy", "ddp", "--trainer.max_steps", "6")
+
+    fsdp_losses, ddp_losses = train_losses(fsdp), train_losses(ddp)
+    assert sorted(fsdp_losses) == sorted(ddp_losses) == list(range(6))
+    for step in range(6):  # steps 4 and 5 come from the resumed FSDP run
+        assert fsdp_losses[step] == pytest.approx(ddp_losses[step], abs=1e-5), f"step {step}"
+    assert fsdp_losses[5] < fsdp_losses[0] - 0.3  # and it learns
+    with (fsdp / "metrics.csv").open() as file:
+        validated = [(row["step"], row["metric"]) for row in csv.DictReader(file) if row["metric"].startswith("val/")]
+    assert {("4", "val/ppl"), ("5", "val/ppl"), ("4", "val/helpfulness"), ("5", "val/helpfulness")} <= set(validated)
+
+    # Consolidate the shards into one file; `llama2-lit convert` reads it; the weights are DDP's.
+    merged = consolidate_checkpoint(last, tmp_path / "merged.ckpt")
+    from llama2_lit.checkpoints import convert_main
+
+    assert convert_main([str(merged), str(tmp_path / "lit")]) == 0
+    converted, config = load_checkpoint(tmp_path / "lit")
+    assert config.name == "nano" and config.n_layers == 2
+    ddp_weights, _ = load_checkpoint(ddp / "checkpoints" / "last.ckpt")
+    assert sorted(converted) == sorted(ddp_weights)
+    for name, tensor in ddp_weights.items():
+        torch.testing.assert_close(converted[name], tensor, atol=2e-5, rtol=0, msg=name)
+    assert torch.load(merged, weights_only=True)["global_step"] == 6
