@@ -22,15 +22,6 @@ CONFIGS = sorted((REPO_ROOT / "configs").rglob("*.yaml"))
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run ~10x faster on one thread than on two when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def rows(path: Path) -> list[dict[str, str]]:
     with path.open() as file:
         return list(csv.DictReader(file))
@@ -157,7 +148,7 @@ def test_a_nan_stops_the_cli_with_a_clear_message(tmp_path, monkeypatch, capsys)
 def test_nano_sft_raises_the_oracles_helpfulness(nano_pretrain, tmp_path, monkeypatch):
     from llama2_lit.checkpoints import load_model
     from llama2_lit.data.records import load_records
-    from llama2_lit.stages.callbacks import helpfulness_summary, oracle_answers
+    from llama2_lit.evaluation import helpfulness_summary, oracle_answers
     from llama2_lit.tokenizer import Tokenizer
 
     monkeypatch.chdir(REPO_ROOT)

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from llama2_lit.parallelize import prepare_for_inference_mode
+from llama2_lit.evaluation import helpfulness_summary, oracle_answers
 
 
 class StageCheckpoint(ModelCheckpoint):
@@ -74,39 +74,6 @@ class InjectNonFinite(Callback):
 
 
 # ------------------------------------------------------------------------------------ oracle
-def oracle_answers(model: Any, tokenizer: Any, records: list[dict], *, max_new_tokens: int = 64,
-                   batch_size: int = 16) -> list[dict[str, Any]]:
-    """Greedy answers of ``model`` to the prompts of ``records``, judged by the toy world's oracle.
-
-    ``records`` are ``prompts`` records (messages ending with the user turn) or ``chat`` records
-    (the final assistant turn is dropped: it is the reference answer). Returns one dict per
-    record: ``messages`` (the prompt), ``response`` (text), ``judgement`` (``oracle.Judgement``).
-    Every rank of a sharded model must call this with the same records (FSDP gathers weights
-    collectively, so all ranks decode in lockstep).
-    """
-    from llama2_lit.chat import encode_prompt
-    from llama2_lit.data.oracle import judge
-    from llama2_lit.generation import generate
-
-    prompts = [r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"] for r in records]
-    room = model.config.max_seq_len - max_new_tokens
-    encoded = [encode_prompt(tokenizer, messages, max_len=room) for messages in prompts]
-    prepare_for_inference_mode(model, tokenizer.bos_id)  # generate() runs in inference mode
-    results = []
-    for start in range(0, len(encoded), batch_size):
-        out = generate(model, encoded[start:start + batch_size], max_new_tokens=max_new_tokens, temperature=0.0,
-                       eos_id=tokenizer.eos_id)
-        for row, length in enumerate(out.response_lengths.tolist()):
-            ids = out.response_ids[row, :length].tolist()
-            if out.eos_emitted[row]:
-                ids = ids[:-1]
-            index = start + row
-            response = tokenizer.decode(ids)
-            results.append({"messages": prompts[index], "response": response,
-                            "judgement": judge(prompts[index], response, records[index].get("meta"))})
-    return results
-
-
 class OracleHelpfulness(Callback):
     """Logs the oracle's helpfulness of greedy answers to held-out prompts at every validation.
 
@@ -153,14 +120,3 @@ class OracleHelpfulness(Callback):
                                  batch_size=self.batch_size)
         for name, value in helpfulness_summary(results).items():
             pl_module.log(f"val/{name}", value)
-
-
-def helpfulness_summary(results: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean helpfulness (overall and per category) and violation rate of ``oracle_answers`` output."""
-    judgements = [r["judgement"] for r in results]
-    summary = {"helpfulness": sum(j.helpfulness for j in judgements) / len(judgements),
-               "violation": sum(j.violation for j in judgements) / len(judgements)}
-    for category in sorted({j.category for j in judgements}):
-        values = [j.helpfulness for j in judgements if j.category == category]
-        summary[f"helpfulness_{category}"] = sum(values) / len(values)
-    return summary

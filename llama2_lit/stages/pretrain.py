@@ -42,6 +42,12 @@ def unigram_perplexity(train_targets: Tensor, val_targets: Tensor, vocab_size: i
     return float((-log_probs[val_targets.flatten()].mean()).exp())
 
 
+def dataset_targets(dataset) -> Tensor:
+    """Every target token id of a dataset of language-model examples (labels other than -100)."""
+    labels = torch.stack([dataset[i]["labels"] for i in range(len(dataset))])
+    return labels[labels != IGNORE_INDEX]
+
+
 class TokenMeanLoss(Metric):
     """Mean loss per target token over a whole evaluation (summed over batches and ranks).
 
