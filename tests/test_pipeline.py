@@ -1,0 +1,34 @@
+"""`make demo` end to end at the nano size: stages run from their configs, the report has numbers,
+and a second run reuses the finished stages instead of training again."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import REPO_ROOT
+
+from llama2_lit import pipeline
+
+
+def test_pipeline_runs_every_stage_reports_and_caches(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO_ROOT)  # configs and the toy world are addressed from the repository root
+    out = tmp_path / "demo"
+    argv = ["--size", "nano", "--out", str(out), "--eval-prompts", "8", "--max-new-tokens", "24",
+            "--pretrain-args", "--trainer.max_steps 60 --trainer.val_check_interval 30",
+            "--sft-args", "--trainer.max_steps 20 --trainer.val_check_interval 20"]
+    assert pipeline.main(argv) == 0
+
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["val_ppl"] < scores["unigram_ppl"] / 2  # pretraining learned more than word frequencies
+    assert set(scores["scores"]) == {"pretrained", "sft"}
+    for model in scores["scores"].values():
+        assert set(model) == {"tasks (held-out)", "tasks (seen)", "harmful (held-out)", "borderline (held-out)"}
+        assert all(0.0 <= suite["helpfulness"] <= 1.0 and suite["n"] == 8 for suite in model.values())
+    report = (out / "report.md").read_text()
+    assert "## Pretraining" in report and "## Supervised fine-tuning" in report
+    assert (out / "curves_pretrain.png").stat().st_size > 0 and (out / "curves_sft.png").stat().st_size > 0
+
+    capsys.readouterr()
+    assert pipeline.main(argv) == 0  # everything cached: no training this time
+    printed = capsys.readouterr().out
+    assert "[pretrain] cached" in printed and "[sft] cached" in printed
