@@ -590,7 +590,7 @@ def detect_format(path: str | Path) -> Format:
         raise CheckpointError(
             f"{path}: a sharded (torch.distributed.checkpoint) directory. Its .metadata is a pickle, which this "
             "loader does not unpickle; if you trust it (your own run), consolidate it into one file first: "
-            f"python -m llama2_lit.parallelize {path} {path.with_suffix('')}-consolidated.ckpt")
+            f"llama2-lit consolidate {path} {path.with_suffix('')}-consolidated.ckpt")
     if "params.json" in names and any(_META_SHARD_FILE.match(n) for n in names):
         return "meta"
     if "config.json" in names:

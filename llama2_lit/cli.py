@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("llama2_lit.stages.cli:lightning_main", "validate a stage (LightningCLI)"),
     "test": ("llama2_lit.stages.cli:lightning_main", "test a stage (LightningCLI)"),
     "convert": ("llama2_lit.checkpoints:convert_main", "convert a checkpoint between Meta, HF and our format"),
+    "consolidate": ("llama2_lit.parallelize:consolidate_main",
+                    "merge a sharded (FSDP2) checkpoint directory into one .ckpt file"),
     "tokenizer": ("llama2_lit.tokenizer:tokenizer_main", "train a SentencePiece tokenizer with Llama 2's settings"),
     "tokenize": ("llama2_lit.tokenizer:tokenize_main", "show the token ids and pieces of a text or a dialog"),
     "generate": ("llama2_lit.generation:generate_main", "sample completions from a checkpoint"),

@@ -187,9 +187,9 @@ def consolidate_checkpoint(src: str | Path, dst: str | Path) -> Path:
 
 
 def consolidate_main(argv: list[str] | None = None) -> int:
-    """``python -m llama2_lit.parallelize SRC_DIR DST.ckpt``: merge a sharded checkpoint into one file."""
+    """``llama2-lit consolidate SRC_DIR DST.ckpt``: merge a sharded checkpoint into one file."""
     parser = argparse.ArgumentParser(
-        prog="python -m llama2_lit.parallelize",
+        prog="llama2-lit consolidate",
         description="Merge a sharded (FSDP2/DCP) Lightning checkpoint directory into one .ckpt file "
                     "(model weights + config) that `llama2-lit convert` and `init_from` read.",
     )

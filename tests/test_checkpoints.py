@@ -367,7 +367,7 @@ def test_corrupt_and_unknown_inputs_are_clear_errors(tmp_path):
         load_checkpoint(meta)
     (tmp_path / "dcp").mkdir()
     (tmp_path / "dcp" / ".metadata").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="sharded .*python -m llama2_lit.parallelize"):
+    with pytest.raises(CheckpointError, match="sharded .*llama2-lit consolidate"):
         load_checkpoint(tmp_path / "dcp")
 
 

@@ -31,7 +31,8 @@ import pytest
 import torch
 
 from llama2_lit.checkpoints import load_checkpoint
-from llama2_lit.parallelize import consolidate_checkpoint, is_sharded_checkpoint
+from llama2_lit.cli import main as cli_main
+from llama2_lit.parallelize import is_sharded_checkpoint
 from llama2_lit.stages.toy_world import ensure_toy_assets
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -90,10 +91,11 @@ def test_fsdp2_and_ddp_on_two_processes_train_resume_and_consolidate(tmp_path):
     assert {("4", "val/ppl"), ("5", "val/ppl"), ("4", "val/helpfulness"), ("5", "val/helpfulness")} <= set(validated)
 
     # Consolidate the shards into one file; `llama2-lit convert` reads it; the weights are DDP's.
-    merged = consolidate_checkpoint(last, tmp_path / "merged.ckpt")
-    from llama2_lit.checkpoints import convert_main
-
-    assert convert_main([str(merged), str(tmp_path / "lit")]) == 0
+    merged = tmp_path / "merged.ckpt"
+    for command in (["consolidate", str(last), str(merged)], ["convert", str(merged), str(tmp_path / "lit")]):
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(command)
+        assert exit_.value.code == 0, command
     converted, config = load_checkpoint(tmp_path / "lit")
     assert config.name == "nano" and config.n_layers == 2
     ddp_weights, _ = load_checkpoint(ddp / "checkpoints" / "last.ckpt")
