@@ -94,9 +94,29 @@ def bench_vs_hf(model, hf, batch: int, mode: str, new_tokens: int, rounds: int, 
     assert hf_out.shape == (batch, ids.shape[1] + new_tokens), hf_out.shape
     same = "n/a" if mode != "greedy" else \
         f"{(hf_out[:, ids.shape[1]:] == ours_out.response_ids).float().mean().item():.3f}"
-    seconds = interleaved_medians({"ours": synchronized(ours, device), "hf": synchronized(theirs, device)}, rounds)
+    floor = synchronized(weight_matmuls(model, batch, device), device)
+    seconds = interleaved_medians({"ours": synchronized(ours, device), "hf": synchronized(theirs, device),
+                                   "floor": lambda: [floor() for _ in range(new_tokens)]}, rounds)
     ours_tps, hf_tps = batch * new_tokens / seconds["ours"], batch * new_tokens / seconds["hf"]
-    return [model.config.name, str(batch), mode, f"{ours_tps:.0f}", f"{hf_tps:.0f}", f"{ours_tps / hf_tps:.2f}x", same]
+    return [model.config.name, str(batch), mode, f"{ours_tps:.0f}", f"{hf_tps:.0f}", f"{ours_tps / hf_tps:.2f}x",
+            f"{seconds['hf'] / seconds['floor']:.2f}x", same]
+
+
+def weight_matmuls(model: Transformer, batch: int, device: torch.device):
+    """One decode step's unavoidable work: every weight matrix times ``batch`` activation rows.
+
+    Any implementation that keeps fp32 weights and calls torch's matmul pays at least this per new
+    token (at batch 1 it is a memory-bandwidth bound: all weights are read once per step), so
+    ``HF time / this`` is the largest speed-up over HF that such an implementation can reach.
+    """
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(batch, w.shape[1], device=device) for w in weights]
+
+    def run():
+        with torch.inference_mode():
+            for x, w in zip(inputs, weights):
+                torch.nn.functional.linear(x, w)
+    return run
 
 
 def eos_prone(model: Transformer, eos_id: int, eos_logit: float) -> Transformer:
@@ -218,7 +238,7 @@ def profile(size: str, batch: int, device: torch.device) -> None:
         with torch_profile(activities=activities) as prof:
             for _ in range(32):
                 step()
-    print(f"  where 32 of our decode steps spend their time (self time; profiler overhead included):")
+    print("  where 32 of our decode steps spend their time (self time; profiler overhead included):")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
 
 
@@ -248,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
             for mode in args.modes:
                 rows.append(bench_vs_hf(model, hf, batch, mode, args.new_tokens, args.rounds, device))
                 print(f"  done: {' '.join(rows[-1])}", file=sys.stderr, flush=True)
-    print_table(["size", "batch", "mode", "ours tok/s", "HF tok/s", "ours/HF", "same tokens"], rows)
+    print_table(["size", "batch", "mode", "ours tok/s", "HF tok/s", "ours/HF", "ceiling", "same tokens"], rows)
+    print("ceiling: HF's time over the time of the weight matmuls alone (128 steps of every weight matrix times "
+          "the batch's rows) -- the largest ours/HF any fp32 implementation on torch's matmul can reach here")
 
     if not args.no_ragged:
         print(f"\nRagged batches (sampled, EOS at scattered steps, at most {args.new_tokens} tokens): "

@@ -146,6 +146,10 @@ def main(argv: list[str] | None = None) -> None:
             pairs += [("ours compiled", "hf compiled"), ("ours compiled", "hf")]
         for a, b in pairs:
             ratios.append([size, f"{a} / {b}", f"{seconds[b] / seconds[a]:.2f}x"])
+        # At 100% MFU a step takes flops / peak: no implementation of the same math can beat HF by
+        # more than HF's time over that (= 1 / HF's MFU).
+        ceiling = seconds["hf"] * peak / (n_tokens * flops_per_token)
+        ratios.append([size, "ceiling for ours / hf (100% MFU)", f"{ceiling:.2f}x"])
         ratios.append([size, "first-step loss |ours - hf|", f"{abs(loss_ours - loss_hf):.1e}"])
     print(f"fp32 matmul peak (GFLOP/s): {', '.join(peaks)}")
     print()
