@@ -23,6 +23,16 @@ def _deterministic() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Test models are tiny: their ops are dispatch-bound, and on a shared 2-core machine a second
+    OpenMP thread that gets descheduled stalls every op (measured: 10x slower steps)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def meta_tokenizer_path() -> Path:
     if not META_TOKENIZER.is_file():

@@ -35,15 +35,6 @@ TINY = {"vocab_size": VOCAB, "max_seq_len": SEQ}
 
 
 # ------------------------------------------------------------------------------------ helpers
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run ~10x faster on one thread than on two when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class CountingWindows(Dataset):
     """Windows of a deterministic token stream; labels are the inputs shifted by one (contract)."""
 

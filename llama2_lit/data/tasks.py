@@ -347,19 +347,19 @@ class TaskFactory:
         pair = self._two_people(lambda p: p.age)
         if pair is None:
             return None
-        w, l = pair
-        x, y = self.rng.sample([w.name, l.name], 2)
+        winner, loser = pair
+        x, y = self.rng.sample([winner.name, loser.name], 2)
         q = _q(self.rng, ("Who is older, {x} or {y}?", "Which of {x} and {y} is older?"), x=x, y=y)
-        return self._choice(q, w.name, l.name, "{w} is older than {l}.", [x, y], {w.name: [w.first], l.name: [l.first]})
+        return self._choice(q, winner.name, loser.name, "{w} is older than {l}.", [x, y], {winner.name: [winner.first], loser.name: [loser.first]})
 
     def compare_taller(self) -> Turn | None:
         pair = self._two_people(lambda p: p.height_cm)
         if pair is None:
             return None
-        w, l = pair
-        x, y = self.rng.sample([w.name, l.name], 2)
+        winner, loser = pair
+        x, y = self.rng.sample([winner.name, loser.name], 2)
         q = _q(self.rng, ("Who is taller, {x} or {y}?", "Which of {x} and {y} is taller?"), x=x, y=y)
-        return self._choice(q, w.name, l.name, "{w} is taller than {l}.", [x, y], {w.name: [w.first], l.name: [l.first]})
+        return self._choice(q, winner.name, loser.name, "{w} is taller than {l}.", [x, y], {winner.name: [winner.first], loser.name: [loser.first]})
 
     def compare_number(self) -> Turn | None:
         digits = self.rng.sample("123456789", 3)
@@ -367,24 +367,24 @@ class TaskFactory:
         b = int("".join(self.rng.sample(digits, 3)))
         if a == b or arithmetic_split(a, b) != self.split:
             return None
-        w, l = max(a, b), min(a, b)
+        winner, loser = max(a, b), min(a, b)
         x, y = self.rng.sample([a, b], 2)
         q = _q(self.rng, ("Which number is larger, {x} or {y}?", "Which is bigger: {x} or {y}?"), x=x, y=y)
-        return self._choice(q, str(w), str(l), "{w} is larger than {l}.", [])
+        return self._choice(q, str(winner), str(loser), "{w} is larger than {l}.", [])
 
     def compare_population(self) -> Turn | None:
         a, b = self.rng.sample(self.u.towns, 2)
-        w, l = (a, b) if a.population > b.population else (b, a)
+        winner, loser = (a, b) if a.population > b.population else (b, a)
         q = _q(self.rng, ("Which town has more people, {x} or {y}?", "Which is bigger by population, {x} or {y}?"), x=a.name, y=b.name)
-        return self._choice(q, w.name, l.name, "{w} has more people than {l}.", [a.name, b.name])
+        return self._choice(q, winner.name, loser.name, "{w} has more people than {l}.", [a.name, b.name])
 
     def compare_heavier(self) -> Turn | None:
         a, b = self.rng.sample(self.u.species, 2)
         if a.weight_kg == b.weight_kg:
             return None
-        w, l = (a, b) if a.weight_kg > b.weight_kg else (b, a)
+        winner, loser = (a, b) if a.weight_kg > b.weight_kg else (b, a)
         q = _q(self.rng, ("Which is heavier, the {x} or the {y}?", "Which animal weighs more, the {x} or the {y}?"), x=a.name, y=b.name)
-        return self._choice(q, w.name, l.name, "The {w} is heavier than the {l}.", [a.name, b.name])
+        return self._choice(q, winner.name, loser.name, "The {w} is heavier than the {l}.", [a.name, b.name])
 
     # ------------------------------------------------------------------ arithmetic
     def _number(self, question: str, gold: int, fmt: str, subject: list[str], spread=(1, 9), choices=None) -> Turn:
