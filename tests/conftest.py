@@ -14,8 +14,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Meta's real tokenizer lives beside the project (never copied into it).
-META_TOKENIZER = REPO_ROOT.parent / "shared" / "assets" / "llama2-tokenizer.model"
+# Meta's real tokenizer lives beside the project (never copied into it); $LLAMA2_TOKENIZER may
+# point at it elsewhere (the notebooks honour the same variable).
+META_TOKENIZER = Path(os.environ.get("LLAMA2_TOKENIZER") or
+                      REPO_ROOT.parent / "shared" / "assets" / "llama2-tokenizer.model")
 
 
 @pytest.fixture(autouse=True)
