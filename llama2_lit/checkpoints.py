@@ -17,7 +17,7 @@ The same Llama 2 weights travel in three folder layouts (plus the ``.ckpt`` file
 * **Ours**: ``config.json`` (a ``ModelConfig``) + ``model.safetensors`` in Meta's names, and the
   ``tokenizer.model`` it was trained with.
 * **Lightning** ``.ckpt`` written by a stage: ``state_dict`` with the core under ``model.``, the
-  ``ModelConfig`` under ``checkpoint["model_config"]`` (CONTRACTS E2).
+  ``ModelConfig`` under ``checkpoint["model_config"]`` (see ``llama2_lit.stages.base``).
 
 Safety: nothing is unpickled beyond tensors and plain containers (``torch.load(weights_only=True)``
 or safetensors), so a checkpoint from the internet cannot run code.
@@ -564,7 +564,7 @@ def _read_lightning(path: Path) -> _Loaded:
         raise CheckpointError(f"{path}: model_config: {error}") from None
     tensors = {}
     for name, tensor in checkpoint["state_dict"].items():
-        if name.startswith("model."):  # the core lives at LightningModule.model (CONTRACTS E2)
+        if name.startswith("model."):  # the core lives at StageModule.model
             tensors[_WRAPPER_SEGMENTS.sub(r"\1", name.removeprefix("model."))] = tensor
     if not tensors:
         raise CheckpointError(f"{path}: no 'model.*' tensors in its state_dict")
