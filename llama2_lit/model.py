@@ -98,11 +98,6 @@ class KVCache:
     def max_seq_len(self) -> int:
         return self.keys.shape[3]
 
-    def reset(self) -> None:
-        self.key_mask.zero_()
-        self.n_real.zero_()
-        self.length = 0
-
     def keep_rows(self, rows: Tensor) -> None:
         """Keep only the given batch rows (e.g. drop finished sequences from a decoding batch)."""
         self.keys = self.keys[:, rows]

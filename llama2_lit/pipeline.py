@@ -106,8 +106,6 @@ def evaluation_suites(world: Path, n: int, seed: int = 0) -> dict[str, list[dict
 def evaluate_models(checkpoints: dict[str, Path], suites: dict[str, list[dict]], tokenizer_path: Path,
                     max_new_tokens: int) -> dict[str, Any]:
     """``{model: {suite: summary}}`` and a few answers per suite for the report."""
-    import torch
-
     from llama2_lit.checkpoints import load_model
     from llama2_lit.evaluation import oracle_answers, suite_summary
     from llama2_lit.tokenizer import Tokenizer
@@ -119,8 +117,7 @@ def evaluate_models(checkpoints: dict[str, Path], suites: dict[str, list[dict]],
         model = load_model(checkpoint).eval()
         scores[name], samples[name] = {}, {}
         for suite, records in suites.items():
-            with torch.no_grad():
-                results = oracle_answers(model, tokenizer, records, max_new_tokens=max_new_tokens)
+            results = oracle_answers(model, tokenizer, records, max_new_tokens=max_new_tokens)  # inference mode inside
             scores[name][suite] = suite_summary(results)
             samples[name][suite] = [r["response"] for r in results[:3]]
             print(f"[evaluate] {name:<10} {suite:<22} " + "  ".join(
