@@ -43,7 +43,9 @@ class Trajectory(NamedTuple):
     ref_logprobs: Tensor
     """(B, T) log π_0 of each response token, at the same temperature."""
     values: Tensor
-    """(B, T) the value model's estimate at each response token, before the update."""
+    """(B, T) the value model's estimate, before the update, of the state in which response token
+    t is about to be generated: read at the same position whose logits give ``logprobs[:, t]``
+    (the position before token t). So the response mask is also the values' mask."""
     score: Tensor
     """(B,) the sequence reward put on the last token: R̃_c = WHITEN(LOGIT(R_c)), after any
     missing-EOS penalty."""
@@ -90,9 +92,10 @@ def gae_advantages(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: floa
 
     ``δ_t = r_t + γ V_{t+1} − V_t`` and ``A_t = δ_t + γλ A_{t+1}``, with ``V`` and ``A`` taken as 0
     after the last valid token (the episode ends there: no bootstrap). ``returns = A + V`` are the
-    value model's targets. Masked positions give 0. The paper does not say how it estimates
-    advantages; γ = 1, λ = 0.95 are the usual choice for language-model PPO. No gradient flows:
-    advantages and returns are targets.
+    value model's targets. ``values[:, t]`` is the estimate of the state before token t (see
+    ``Trajectory.values``) and ``rewards[:, t]`` the reward for emitting it. Masked positions give
+    0. The paper does not say how it estimates advantages; γ = 1, λ = 0.95 are the usual choice
+    for language-model PPO. No gradient flows: advantages and returns are targets.
     """
     if not rewards.shape == values.shape == mask.shape:
         raise ValueError(f"gae_advantages: shapes differ: rewards {tuple(rewards.shape)}, values "
