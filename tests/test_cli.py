@@ -32,6 +32,10 @@ def steps_of(path: Path, metric: str) -> list[int]:
     return [int(row["step"]) for row in rows(path) if row["metric"] == metric]
 
 
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {int(row["step"]): float(row["value"]) for row in rows(run_dir / "metrics.csv") if row["metric"] == "train/loss"}
+
+
 # ------------------------------------------------------------------------------------ configs
 def test_there_are_configs_for_every_size_and_stage():
     names = {str(path.relative_to(REPO_ROOT / "configs")) for path in CONFIGS}
@@ -172,9 +176,7 @@ def test_a_save_interrupted_midway_resumes_from_the_previous_checkpoint(tmp_path
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
 
     assert lightning_main([*args, "--run.dir", str(run), "--ckpt_path", "last"]) == 0
-    losses = {int(row["step"]): float(row["value"]) for row in rows(run / "metrics.csv") if row["metric"] == "train/loss"}
-    expected = {int(row["step"]): float(row["value"]) for row in rows(straight / "metrics.csv")
-                if row["metric"] == "train/loss"}
+    losses, expected = train_losses(run), train_losses(straight)
     assert sorted(losses) == sorted(expected) == list(range(6))
     for step in range(6):  # steps 2-5 come from the resumed process
         assert losses[step] == pytest.approx(expected[step], rel=1e-6), f"step {step}"
