@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from llama2_lit.runs import load_run, runs_main
+from llama2_lit.stages.callbacks import CheckpointSaveInterrupted
 from llama2_lit.stages.cli import lightning_main
 from llama2_lit.stages.toy_world import TOKENIZER_PATH, ensure_toy_assets
 
@@ -29,6 +30,10 @@ def rows(path: Path) -> list[dict[str, str]]:
 
 def steps_of(path: Path, metric: str) -> list[int]:
     return [int(row["step"]) for row in rows(path) if row["metric"] == metric]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {int(row["step"]): float(row["value"]) for row in rows(run_dir / "metrics.csv") if row["metric"] == "train/loss"}
 
 
 # ------------------------------------------------------------------------------------ configs
@@ -143,6 +148,44 @@ def test_a_nan_stops_the_cli_with_a_clear_message(tmp_path, monkeypatch, capsys)
     error = capsys.readouterr().err
     assert "non-finite training loss (nan) at step 4" in error and "last.ckpt" in error
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_a_save_interrupted_midway_resumes_from_the_previous_checkpoint(tmp_path, monkeypatch):
+    """The save of step 4 dies half-written: ``last`` still names step 2, and resuming from it
+    reproduces the uninterrupted run's losses."""
+    monkeypatch.chdir(REPO_ROOT)
+    ensure_toy_assets()
+    args = ["fit", "--config", "configs/nano/pretrain.yaml", "--trainer.max_steps", "6",
+            "--model.init_args.total_steps", "6", "--model.init_args.warmup_steps", "2",
+            "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1",
+            "--checkpoint.every_n_train_steps", "2", "--run.wandb", "false", *QUIET]
+    straight, run = tmp_path / "straight", tmp_path / "interrupted"
+    checkpoints = run / "checkpoints"
+    assert lightning_main([*args, "--run.dir", str(straight)]) == 0
+
+    with pytest.raises(CheckpointSaveInterrupted, match="step 4"):
+        lightning_main([*args, "--run.dir", str(run),
+                        "--trainer.callbacks+=llama2_lit.stages.callbacks.InterruptCheckpointSave",
+                        "--trainer.callbacks.at_step", "4"])
+    # Half of step 4's bytes reached the disk, under a name nobody reads; last still names step 2.
+    partial = checkpoints / "step-4.ckpt.partial"
+    with pytest.raises(RuntimeError):
+        torch.load(partial, weights_only=True)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step-2.ckpt", "step-4.ckpt.partial"]
+    assert (checkpoints / "last.ckpt").readlink() == Path("step-2.ckpt")
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
+
+    assert lightning_main([*args, "--run.dir", str(run), "--ckpt_path", "last"]) == 0
+    losses, expected = train_losses(run), train_losses(straight)
+    assert sorted(losses) == sorted(expected) == list(range(6))
+    for step in range(6):  # steps 2-5 come from the resumed process
+        assert losses[step] == pytest.approx(expected[step], rel=1e-6), f"step {step}"
+    # The leftover is gone, the old checkpoints were removed after last moved (save_top_k: 1).
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step-6.ckpt"]
+    assert (checkpoints / "last.ckpt").readlink() == Path("step-6.ckpt")
+    final = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    for name, tensor in torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"].items():
+        torch.testing.assert_close(final["state_dict"][name], tensor, rtol=0, atol=1e-6, msg=name)
 
 
 def test_nano_sft_raises_the_oracles_helpfulness(nano_pretrain, tmp_path, monkeypatch):

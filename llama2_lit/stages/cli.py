@@ -11,7 +11,8 @@ Every run gets a stable directory, ``runs/<stage>-<size>/`` unless ``run.dir`` s
       run.json          name, stage, size, W&B run id (read back on resume)
       config.yaml       the full configuration of the last invocation
       metrics.csv       step,metric,value,time (``llama2-lit runs`` reads it)
-      checkpoints/      step-N.ckpt and last.ckpt (directories when sharded)
+      checkpoints/      step-N.ckpt (directories when sharded); last.ckpt, a link to the newest
+                        complete one (a save is renamed into place and linked only once whole)
       wandb/            the W&B run (offline unless WANDB_MODE says otherwise)
 
 W&B runs are named ``<stage>-<size>-<timestamp>``, grouped by size and typed by stage (job_type),
@@ -174,6 +175,8 @@ class StageCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if ckpt_path == "last":
             last = checkpoint_dir / "last.ckpt"
+            if last.is_symlink() and not last.exists():
+                raise RunDirectoryError(f"--ckpt_path last: {last} links to {os.readlink(last)}, which is gone")
             if last.exists():
                 ckpt_path = str(last)
             else:
