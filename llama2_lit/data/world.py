@@ -34,6 +34,7 @@ from pathlib import Path
 from llama2_lit.data.build import Builder
 from llama2_lit.data.corpus import CorpusWriter
 from llama2_lit.data.entities import Universe, UniverseSize, build_universe
+from llama2_lit.files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -183,14 +184,6 @@ def world_records(universe: Universe, size: WorldSize, seed: int) -> dict[str, l
     return out
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_world(directory: Path, seed: int, size_name: str) -> dict:
     size = SIZES[size_name]
     universe = build_universe(seed, size.universe)
@@ -202,7 +195,7 @@ def _write_world(directory: Path, seed: int, size_name: str) -> dict:
             handle.writelines(lines)
         kind, split, _ = FILES[name]
         files[name] = {"kind": kind, "split": split, "records": records, "words": words,
-                       "bytes": path.stat().st_size, "sha256": _sha256(path)}
+                       "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
     tables = universe.to_dict()
     write("world.json", [json.dumps(tables, ensure_ascii=False, indent=1) + "\n"], 1, 0)
@@ -279,7 +272,7 @@ def verify_world(out_dir: str | Path) -> list[str]:
         path = out_dir / name
         if not path.is_file():
             problems.append(f"{path} is missing")
-        elif _sha256(path) != info["sha256"]:
+        elif file_sha256(path) != info["sha256"]:
             problems.append(f"{path}: sha256 differs from manifest.json (edited or corrupted)")
     if set(manifest.get("files", {})) != set(FILES):
         problems.append(f"{manifest_path} lists other files than this version writes")
