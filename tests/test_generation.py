@@ -370,7 +370,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory):
 def test_generate_command_prints_the_completions_of_generate(checkpoint, capsys):
     import json
 
-    from llama2_lit.generation import generate_main
+    from llama2_lit.cli.generation import generate_main
 
     folder, model, tokenizer = checkpoint
     prompts = ["the cat sat", "where is Paris"]
@@ -397,7 +397,7 @@ def test_generate_command_prints_the_completions_of_generate(checkpoint, capsys)
 
 def test_generate_command_chat_mode_uses_the_llama2_chat_prompt(checkpoint, capsys):
     from llama2_lit.chat import encode_prompt
-    from llama2_lit.generation import generate_main
+    from llama2_lit.cli.generation import generate_main
 
     folder, model, tokenizer = checkpoint
     argv = [str(folder), "--chat", "--system", "be brief", "--prompt", "hello", "--temperature", "0",
@@ -412,7 +412,7 @@ def test_chat_command_keeps_the_dialog_and_resets_it(checkpoint, capsys, monkeyp
     import io
 
     from llama2_lit.chat import encode_prompt
-    from llama2_lit.generation import chat_main
+    from llama2_lit.cli.generation import chat_main
 
     folder, model, tokenizer = checkpoint
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n\nwhere is Paris\n/reset\nwhere is Paris\n/exit\nignored\n"))
@@ -447,21 +447,23 @@ def test_chat_command_works_with_piped_stdin(checkpoint):
     assert result.stdout == tokenizer.decode(greedy.response_tokens()[0]) + "\n"
 
 
-def test_commands_explain_a_missing_tokenizer(checkpoint, tmp_path):
+def test_commands_explain_a_missing_tokenizer(checkpoint, tmp_path, capsys):
     from llama2_lit.checkpoints import save_model
-    from llama2_lit.generation import generate_main
+    from llama2_lit.cli import main
 
     _, model, _ = checkpoint
     bare = save_model(model, model.config, tmp_path / "bare")
-    with pytest.raises(SystemExit, match="holds no tokenizer.model; pass --tokenizer"):
-        generate_main([str(bare), "--prompt", "hi"])
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", str(bare), "--prompt", "hi"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"llama2-lit generate: error: {bare} holds no tokenizer.model; pass --tokenizer PATH\n"
 
 
 def test_chat_command_survives_bad_turns_and_dialogs_longer_than_the_context(checkpoint, capsys, monkeypatch):
     import io
 
     from llama2_lit.chat import encode_prompt
-    from llama2_lit.generation import chat_main
+    from llama2_lit.cli.generation import chat_main
 
     folder, model, tokenizer = checkpoint
     long_turn = "where is the cat that sat on a mat in Paris in France"  # ~25 tokens with the chat tags

@@ -34,9 +34,7 @@ the format and loads any of them.
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +45,7 @@ from torch import Tensor
 
 from llama2_lit.checkpoints.common import (
     CheckpointError, Format, LazyTensor, TensorLike, _cast, _Loaded, _materialize, _read_json, _shape,
-    check_state_dict, expected_shapes, write_safetensors,
+    _torch_load, check_state_dict, expected_shapes, write_safetensors,
 )
 from llama2_lit.checkpoints.hf import (
     _read_hf, config_from_hf, export_hf, ffn_size_parameters, hf_config_dict, hf_to_meta_state_dict,
@@ -57,12 +55,12 @@ from llama2_lit.checkpoints.hf_tokenizer import write_hf_tokenizer
 from llama2_lit.checkpoints.lightning import _read_lightning
 from llama2_lit.checkpoints.lit import _read_lit, save_model
 from llama2_lit.checkpoints.meta import _META_SHARD_FILE, _read_meta, meta_shard_dim
-from llama2_lit.config import DTYPES, ModelConfig
+from llama2_lit.config import ModelConfig
 from llama2_lit.model import Transformer
 
 __all__ = [
     "CheckpointError", "Format", "LazyTensor", "TensorLike", "check_state_dict", "config_from_hf", "convert",
-    "detect_format", "expected_shapes", "export_hf", "ffn_size_parameters", "hf_config_dict",
+    "detect_format", "expected_shapes", "export_hf", "ffn_size_parameters", "find_tokenizer", "hf_config_dict",
     "hf_to_meta_state_dict", "load_checkpoint", "load_model", "meta_shard_dim", "meta_to_hf_state_dict",
     "permute_from_hf", "permute_to_hf", "save_model", "write_hf_tokenizer", "write_safetensors",
 ]
@@ -108,6 +106,27 @@ def _load(path: str | Path) -> _Loaded:
     """Read any layout; every reader validates names and shapes against the config it found."""
     path = Path(path)
     return _READERS[detect_format(path)](path)
+
+
+def find_tokenizer(path: str | Path) -> Path:
+    """The tokenizer a checkpoint was trained with: ``tokenizer.model`` in its folder (Meta, HF,
+    ours), or the ``tokenizer_path`` a stage's ``.ckpt`` records; a ``CheckpointError`` saying what
+    to do when there is none."""
+    path = Path(path)
+    if detect_format(path) != "lightning":
+        beside = path / "tokenizer.model"
+        if not beside.is_file():
+            raise CheckpointError(f"{path} holds no tokenizer.model; pass --tokenizer PATH")
+        return beside
+    checkpoint = _torch_load(path)  # memory-mapped: the tensors are not read
+    recorded = checkpoint.get("tokenizer_path") if isinstance(checkpoint, dict) else None
+    if not isinstance(recorded, str):
+        raise CheckpointError(f"{path} records no tokenizer_path (not written by a llama2_lit stage?); "
+                              "pass --tokenizer PATH")
+    if not Path(recorded).is_file():
+        raise CheckpointError(f"{path} was trained with the tokenizer {recorded}, which does not exist (here, from "
+                              f"{Path.cwd()}); pass --tokenizer PATH")
+    return Path(recorded)
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], ModelConfig]:
@@ -175,29 +194,3 @@ def convert(src: str | Path, dst: str | Path, *, to: Literal["lit", "hf"] = "lit
     details = ", ".join([*loaded.details, f"{n_params / 1e6:,.1f}M params", dtypes])
     return (f"converted {loaded.format} {src} ({loaded.config.name}: {details}) -> {to} {dst} "
             f"({size / 1e6:,.1f} MB{', with tokenizer' if tokenizer else ''}) in {time.perf_counter() - start:.1f} s")
-
-
-# ============================================================================ CLI
-
-def convert_main(argv: list[str] | None = None) -> int:
-    """``llama2-lit convert SRC DST [--to lit|hf] [--tokenizer PATH] [--dtype D] [--overwrite]``."""
-    parser = argparse.ArgumentParser(
-        prog="llama2-lit convert",
-        description="Convert a checkpoint (Meta, Hugging Face, ours or a Lightning .ckpt; detected) to our "
-                    "layout or Hugging Face's.")
-    parser.add_argument("src", type=Path, help="checkpoint folder (Meta / HF / ours) or a Lightning .ckpt file")
-    parser.add_argument("dst", type=Path, help="output folder (written atomically)")
-    parser.add_argument("--to", choices=("lit", "hf"), default="lit", help="output layout (default: lit, ours)")
-    parser.add_argument("--tokenizer", type=Path, default=None,
-                        help="tokenizer.model to include (default: the one found with the source, if any)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: keep)")
-    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    args = parser.parse_args(argv)
-    try:
-        summary = convert(args.src, args.dst, to=args.to, tokenizer_path=args.tokenizer,
-                          dtype=DTYPES.get(args.dtype), overwrite=args.overwrite)
-    except (CheckpointError, FileNotFoundError, FileExistsError) as error:
-        print(f"llama2-lit convert: error: {error}", file=sys.stderr)
-        return 1
-    print(summary)
-    return 0

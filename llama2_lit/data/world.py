@@ -19,14 +19,12 @@ well under a minute).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import random
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -308,28 +306,3 @@ def ensure_world(out_dir: str | Path = DEFAULT_WORLD_DIR, seed: int = 0, size: s
 def load_universe(out_dir: str | Path) -> dict:
     """The tables of a generated world (``world.json``)."""
     return json.loads((Path(out_dir) / "world.json").read_text(encoding="utf-8"))
-
-
-def world_main(argv: list[str] | None = None) -> int:
-    """``llama2-lit world --out data/world --seed 0 [--size default|small]``."""
-    parser = argparse.ArgumentParser(prog="llama2-lit world", description="generate the toy world's data files")
-    parser.add_argument("--out", default="data/world", help="output folder (replaced if it holds a previous world)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", default="default", choices=sorted(SIZES))
-    parser.add_argument("--check", action="store_true", help="only verify the folder's checksums against its manifest")
-    args = parser.parse_args(argv)
-    if args.check:
-        problems = verify_world(args.out)
-        for problem in problems:
-            print(problem)
-        print("OK" if not problems else f"{len(problems)} problem(s)")
-        return 1 if problems else 0
-    start = time.perf_counter()
-    out = generate_world(args.out, seed=args.seed, size=args.size)
-    elapsed = time.perf_counter() - start
-    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    width = max(map(len, manifest["files"]))
-    print(f"toy world v{WORLD_VERSION}, seed {args.seed}, size {args.size}: {out} ({elapsed:.1f} s)")
-    for name, info in manifest["files"].items():
-        print(f"  {name:<{width}}  {info['kind']:<10} {info['records']:>7} records {info['words']:>9} words {info['bytes'] / 1e6:7.2f} MB")
-    return 0
