@@ -193,4 +193,5 @@ def convert(src: str | Path, dst: str | Path, *, to: Literal["lit", "hf"] = "lit
     dtypes = ",".join(sorted({str(v.dtype).removeprefix("torch.") for v in tensors.values()}))
     details = ", ".join([*loaded.details, f"{n_params / 1e6:,.1f}M params", dtypes])
     return (f"converted {loaded.format} {src} ({loaded.config.name}: {details}) -> {to} {dst} "
-            f"({size / 1e6:,.1f} MB{', with tokenizer' if tokenizer else ''}) in {time.perf_counter() - start:.1f} s")
+            f"({size / 1e6:,.1f} MB, {f'with the tokenizer {tokenizer}' if tokenizer else 'no tokenizer'}) "
+            f"in {time.perf_counter() - start:.1f} s")

@@ -32,6 +32,7 @@ def _read_lightning(path: Path) -> _Loaded:
     if not tensors:
         raise CheckpointError(f"{path}: no 'model.*' tensors in its state_dict")
     check_state_dict(tensors, config, source=str(path))
-    tokenizer = checkpoint.get("tokenizer_path")
-    tokenizer = Path(tokenizer) if isinstance(tokenizer, str) and Path(tokenizer).is_file() else None
-    return _Loaded(tensors, config, "lightning", str(path), tokenizer)
+    recorded = checkpoint.get("tokenizer_path")
+    tokenizer = Path(recorded) if isinstance(recorded, str) and Path(recorded).is_file() else None
+    details = [f"its tokenizer {recorded} is missing"] if isinstance(recorded, str) and tokenizer is None else []
+    return _Loaded(tensors, config, "lightning", str(path), tokenizer, details)
