@@ -11,7 +11,16 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import torch
+
+IGNORE_INDEX = -100
+"""Label of positions that carry no loss (``torch.nn.functional.cross_entropy``'s default)."""
+
+DType = Literal["float32", "bfloat16", "float16"]
+"""The floating-point types a command or strategy may name."""
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -65,6 +74,17 @@ class ModelConfig:
             problems.append(f"vocab_size={self.vocab_size} must be positive (fill in the tokenizer's size)")
         if problems:
             raise ValueError(f"invalid ModelConfig {self.name!r}: " + "; ".join(problems))
+
+    # ----------------------------------------------------------------------------------- shapes
+    @staticmethod
+    def shape_fields() -> tuple[str, ...]:
+        """The fields (and derived sizes) that determine the tensor shapes: two configs that agree on
+        them hold the same tensors, so one's weights load into the other."""
+        return ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim")
+
+    def shape_differences(self, other: ModelConfig) -> list[str]:
+        """The shape fields on which ``other`` differs (empty: the same tensors)."""
+        return [f for f in self.shape_fields() if getattr(self, f) != getattr(other, f)]
 
     # ----------------------------------------------------------------------------------- derived
     @property

@@ -215,7 +215,13 @@ class Transformer(nn.Module):
         if self.output is not None:
             nn.init.normal_(self.output.weight, std=std)
         if self.score is not None:
-            nn.init.normal_(self.score.weight, std=1.0 / math.sqrt(self.config.dim + 1))
+            self.reset_score_head()
+
+    @torch.no_grad()
+    def reset_score_head(self) -> None:
+        """A fresh scalar head: N(0, 1/sqrt(dim + 1)), so initial rewards are O(1). Also used when a
+        reward model starts from an SFT checkpoint, which has no ``score`` (paper section 3.2.2)."""
+        nn.init.normal_(self.score.weight, std=1.0 / math.sqrt(self.config.dim + 1))
 
     # ------------------------------------------------------------------------------ forward
     def freqs_cis(self, device: torch.device) -> Tensor:

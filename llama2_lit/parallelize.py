@@ -28,7 +28,6 @@ directory into one ``.ckpt`` that ``llama2-lit convert`` and ``init_from`` read.
 
 from __future__ import annotations
 
-import argparse
 import os
 import warnings
 from pathlib import Path
@@ -184,26 +183,3 @@ def consolidate_checkpoint(src: str | Path, dst: str | Path) -> Path:
     torch.save(checkpoint, partial)
     os.replace(partial, dst)
     return dst
-
-
-def consolidate_main(argv: list[str] | None = None) -> int:
-    """``llama2-lit consolidate SRC_DIR DST.ckpt``: merge a sharded checkpoint into one file."""
-    parser = argparse.ArgumentParser(
-        prog="llama2-lit consolidate",
-        description="Merge a sharded (FSDP2/DCP) Lightning checkpoint directory into one .ckpt file "
-                    "(model weights + config) that `llama2-lit convert` and `init_from` read.",
-    )
-    parser.add_argument("src", type=Path,
-                        help="sharded checkpoint directory (e.g. runs/pretrain-nano/checkpoints/last.ckpt)")
-    parser.add_argument("dst", type=Path, help="output .ckpt file")
-    args = parser.parse_args(argv)
-    try:
-        out = consolidate_checkpoint(args.src, args.dst)
-    except (FileNotFoundError, ValueError) as error:
-        parser.exit(2, f"error: {error}\n")
-    print(out)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(consolidate_main())

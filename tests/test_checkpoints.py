@@ -438,13 +438,13 @@ def test_cli_convert_meta_to_ours_to_hf(tmp_path, capsys):
 def test_cli_failure_writes_nothing_and_existing_output_needs_overwrite(tmp_path, capsys):
     config = tiny_config()
     meta = write_meta_checkpoint(tmp_path / "meta", Transformer(config).state_dict(), 2, meta_params(config, n_layers=3))
-    assert run_cli(["convert", str(meta), str(tmp_path / "out")]) == 1
+    assert run_cli(["convert", str(meta), str(tmp_path / "out")]) == 2
     assert "missing tensor 'layers.2." in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and nothing_left_behind(tmp_path) == []
 
     (meta / "params.json").write_text(json.dumps(meta_params(config)))
     assert run_cli(["convert", str(meta), str(tmp_path / "out")]) == 0
-    assert run_cli(["convert", str(meta), str(tmp_path / "out")]) == 1
+    assert run_cli(["convert", str(meta), str(tmp_path / "out")]) == 2
     assert "already exists" in capsys.readouterr().err
     assert run_cli(["convert", str(meta), str(tmp_path / "out"), "--to", "hf", "--overwrite"]) == 0
     assert detect_format(tmp_path / "out") == "hf" and nothing_left_behind(tmp_path) == []

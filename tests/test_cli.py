@@ -13,7 +13,9 @@ import pytest
 import torch
 import yaml
 
-from llama2_lit.runs import load_run, runs_main
+from llama2_lit.cli import main as cli_main
+from llama2_lit.cli.runs import runs_main
+from llama2_lit.runs import load_run
 from llama2_lit.stages.callbacks import CheckpointSaveInterrupted
 from llama2_lit.stages.cli import lightning_main
 from llama2_lit.stages.toy_world import TOKENIZER_PATH, ensure_toy_assets
@@ -233,5 +235,6 @@ def test_runs_command_tables_and_plots(tmp_path, capsys):
     assert table[3].split() == ["pretrain-nano", "pretrain", "nano", "29", "1.5m", "2.0000", "6.6667"]
     assert (tmp_path / "plot.png").stat().st_size > 10_000
     assert load_run(tmp_path / "pretrain-nano").series["train/loss"] == [(9, 6.0), (19, 1.0), (29, 2.0)]
-    with pytest.raises(SystemExit):
-        runs_main([str(tmp_path / "missing")])
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["runs", str(tmp_path / "missing")])
+    assert exit_.value.code == 2 and "missing" in capsys.readouterr().err

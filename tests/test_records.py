@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from llama2_lit.cli.data import data_main
 from llama2_lit.data.records import (
     RATINGS,
     RecordError,
     check_records,
-    data_main,
     from_alpaca,
     from_hh_rlhf,
     load_records,

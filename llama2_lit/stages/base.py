@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from llama2_lit.config import ModelConfig
+from llama2_lit.config import IGNORE_INDEX, ModelConfig
 from llama2_lit.model import Transformer
 from llama2_lit.parallelize import load_full_state_dict, parallelize_model
 from llama2_lit.stages.strategy import fsdp_options, sharding_mesh
@@ -58,8 +58,6 @@ from llama2_lit.stages.throughput import PeakFlops, ThroughputMeter, peak_flops
 
 # Fields that may differ from an ``init_from`` checkpoint's config: they change no tensor shape.
 _INIT_FROM_OVERRIDABLE = frozenset({"name", "max_seq_len", "rope_theta", "notes"})
-# Fields that determine the tensor shapes (a preset and an init_from checkpoint must agree on them).
-_SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -232,8 +230,9 @@ class StageModule(L.LightningModule):
         model = load_model(self.hparams.init_from, device=device, **heads)
         if self.hparams.preset is not None:
             preset = ModelConfig.from_name(self.hparams.preset)
+            # A preset and an init_from checkpoint must agree on every shape-determining field.
             mismatched = [f"{f}: checkpoint {getattr(model.config, f)}, preset {getattr(preset, f)}"
-                          for f in _SHAPE_FIELDS if getattr(model.config, f) != getattr(preset, f)]
+                          for f in model.config.shape_differences(preset)]
             if mismatched:
                 raise ValueError(f"init_from={self.hparams.init_from} does not have the shape of preset "
                                  f"{self.hparams.preset!r} ({'; '.join(mismatched)}); fix the preset or set it to null")
@@ -359,9 +358,9 @@ class StageModule(L.LightningModule):
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels {tuple(labels.shape)} and input_ids {tuple(input_ids.shape)} differ in shape")
-            real = labels[labels != -100]
+            real = labels[labels != IGNORE_INDEX]
             if real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab):
-                raise ValueError(f"labels outside [0, {vocab}) other than -100 (the ignore index)")
+                raise ValueError(f"labels outside [0, {vocab}) other than {IGNORE_INDEX} (the ignore index)")
 
     # ------------------------------------------------------------------------------ logging
     def on_fit_start(self) -> None:
