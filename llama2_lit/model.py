@@ -215,7 +215,16 @@ class Transformer(nn.Module):
         if self.output is not None:
             nn.init.normal_(self.output.weight, std=std)
         if self.score is not None:
-            nn.init.normal_(self.score.weight, std=1.0 / math.sqrt(self.config.dim + 1))
+            self.reset_scalar_head()
+
+    @torch.no_grad()
+    def reset_scalar_head(self) -> None:
+        """A fresh scalar head: N(0, 1/sqrt(dim + 1)), so initial rewards are O(1).
+
+        Also what a scalar head added to a language model's checkpoint starts from (reward models
+        start from the SFT model, paper section 3.2.2: ``checkpoints.load_model``).
+        """
+        nn.init.normal_(self.score.weight, std=1.0 / math.sqrt(self.config.dim + 1))
 
     # ------------------------------------------------------------------------------ forward
     def freqs_cis(self, device: torch.device) -> Tensor:
