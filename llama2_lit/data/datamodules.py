@@ -15,7 +15,8 @@ Batch formats (dicts of tensors; the contract every stage module reads):
 - ``PreferenceDataModule``: ``chosen_input_ids``, ``chosen_attention_mask``,
   ``rejected_input_ids``, ``rejected_attention_mask`` (B, T) long, right-padded to one common T;
   ``rating`` (B,) long, index into ``records.RATINGS`` (-1 when unknown, e.g. HH-RLHF: margin 0);
-  ``chosen_safe``, ``rejected_safe`` (B,) long (1 safe, 0 unsafe, -1 unknown).
+  ``chosen_safe``, ``rejected_safe`` (B,) long (1 safe, 0 unsafe, -1 unknown); validation
+  batches from ``val_files`` also carry ``source`` (B,) long, the index of each pair's file.
 - ``PromptsDataModule``: ``input_ids``, ``attention_mask`` (B, T) long, LEFT-padded (every prompt
   ends at the last column, ready to generate); ``is_safety`` (B,) bool; ``messages`` and ``meta``
   as python lists (one entry per row, for the oracle judge).
@@ -739,6 +740,8 @@ class PreferenceCollate:
             "rating": torch.tensor([e["rating"] for e in examples], dtype=torch.long),
             "chosen_safe": torch.tensor([e["chosen_safe"] for e in examples], dtype=torch.long),
             "rejected_safe": torch.tensor([e["rejected_safe"] for e in examples], dtype=torch.long),
+            **({"source": torch.tensor([e["source"] for e in examples], dtype=torch.long)}
+               if all("source" in e for e in examples) else {}),
         }
 
 
@@ -809,6 +812,13 @@ class PreferenceDataModule(_RecordsDataModule):
             "chosen_safe": _safety_label(record.get("chosen_safe")),
             "rejected_safe": _safety_label(record.get("rejected_safe")),
         }
+
+    def _encode_into(self, out: list[Any], record: dict[str, Any], path: str, number: int) -> None:
+        # A validation pair remembers its file (batch key ``source``), so metrics can be split by file.
+        before = len(out)
+        super()._encode_into(out, record, path, number)
+        if len(out) > before and path in self.val_files:
+            out[-1]["source"] = self.val_files.index(path)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:

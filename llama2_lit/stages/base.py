@@ -286,12 +286,17 @@ class StageModule(L.LightningModule):
         if not math.isfinite(total):
             raise ValueError("the cosine schedule needs a length: set trainer.max_steps, trainer.max_epochs, "
                              "or model.init_args.total_steps")
-        if hp.warmup_steps >= total:
-            raise ValueError(f"warmup_steps={hp.warmup_steps} >= the {int(total)} steps of the run: the learning "
+        warmup = self.warmup_steps_for(int(total))
+        if warmup >= total:
+            raise ValueError(f"warmup_steps={warmup} >= the {int(total)} steps of the run: the learning "
                              "rate would never reach its peak; lower model.init_args.warmup_steps")
-        schedule = WarmupCosine(hp.warmup_steps, int(total), hp.min_lr_ratio)
+        schedule = WarmupCosine(warmup, int(total), hp.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def warmup_steps_for(self, total_steps: int) -> int:
+        """Warmup steps of a run of ``total_steps`` optimizer steps (here: ``warmup_steps`` as given)."""
+        return self.hparams.warmup_steps
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Clipping lives here (not in Trainer.gradient_clip_val) so the pre-clip norm is logged and
