@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "world": ("llama2_lit.data.world:world_main", "generate the toy world's data files"),
     "data": ("llama2_lit.data.records:data_main", "validate data files (`llama2-lit data validate FILE --kind KIND`)"),
     "runs": ("llama2_lit.runs:runs_main", "tabulate and plot the metrics of several local runs"),
+    "annotate": ("llama2_lit.sampling.annotate:annotate_main",
+                 "sample two responses per prompt from a policy; the oracle annotates preference pairs"),
+    "reward": ("llama2_lit.reward_metrics:reward_main",
+               "reward-model tools (`llama2-lit reward score CKPT --data FILE`)"),
 }
 
 

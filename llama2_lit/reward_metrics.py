@@ -211,3 +211,79 @@ def evaluate_pairs(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]]
                    torch.tensor([label(r.get("chosen_safe")) for r in records]),
                    torch.tensor([label(r.get("rejected_safe")) for r in records]))
     return {name: float(value) for name, value in metrics.compute().items()}
+
+
+# ------------------------------------------------------------------------------------ command line
+def load_reward_model(path: Any, *, device: str = "cpu") -> Any:
+    """A trained reward model (a checkpoint with a scalar head); an LM-only checkpoint is an error
+    (``checkpoints.load_model`` would give it a fresh, untrained head)."""
+    from llama2_lit.checkpoints import CheckpointError, load_checkpoint
+    from llama2_lit.model import Transformer
+
+    state, config = load_checkpoint(path)
+    if "score.weight" not in state:
+        raise CheckpointError(f"{path}: no scalar head ('score.weight'): not a reward model")
+    with torch.device("meta"):
+        model = Transformer(config, lm_head=False, scalar_head=True)
+    model.load_state_dict({k: v.float() for k, v in state.items() if k != "output.weight"}, strict=True, assign=True)
+    return model.to(device).eval()
+
+
+def reward_main(argv: list[str] | None = None) -> int:
+    """``llama2-lit reward score CKPT --data FILE [--out FILE]``: sigmoid-scale scores as JSONL."""
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    from llama2_lit.checkpoints import CheckpointError
+    from llama2_lit.data.records import RecordError, load_records, write_jsonl
+    from llama2_lit.sampling.annotate import checkpoint_tokenizer
+    from llama2_lit.tokenizer import Tokenizer
+
+    parser = argparse.ArgumentParser(prog="llama2-lit reward", description="reward-model tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    score = commands.add_parser(
+        "score", help="score records with a reward model",
+        description="One JSON line per record: for a preference record the scores of its chosen and rejected "
+                    "responses, for a chat record the score of its final assistant turn; on the sigmoid scale, "
+                    "as the paper reports reward-model scores (section 3.2.2).")
+    score.add_argument("checkpoint", type=Path, help="a reward model (stage .ckpt or folder with a scalar head)")
+    score.add_argument("--data", type=Path, required=True, help="preference or chat records")
+    score.add_argument("--kind", choices=("auto", "preference", "chat"), default="auto",
+                       help="record kind (auto: preference when the first line has 'chosen')")
+    score.add_argument("--out", type=Path, default=None, help="output .jsonl (atomic; default: stdout)")
+    score.add_argument("--tokenizer", type=Path, default=None, help="default: the one the checkpoint names")
+    score.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args(argv)
+    try:
+        kind = args.kind
+        if kind == "auto":
+            first = next((line for line in args.data.open(encoding="utf-8") if line.strip()), "{}")
+            kind = "preference" if "chosen" in json.loads(first) else "chat"
+        records = load_records(args.data, kind)
+        tokenizer_path = args.tokenizer or checkpoint_tokenizer(args.checkpoint)
+        if tokenizer_path is None:
+            raise FileNotFoundError(f"{args.checkpoint} names no tokenizer; pass --tokenizer")
+        tokenizer = Tokenizer(tokenizer_path)
+        model = load_reward_model(args.checkpoint)
+        if kind == "preference":
+            r_chosen, r_rejected = score_pairs(model, tokenizer, records, batch_size=args.batch_size)
+            rows = [{"index": i, "chosen": round(float(c), 6), "rejected": round(float(r), 6)}
+                    for i, (c, r) in enumerate(zip(torch.sigmoid(r_chosen), torch.sigmoid(r_rejected)))]
+        else:
+            if any(r["messages"][-1]["role"] != "assistant" for r in records):
+                raise ValueError(f"{args.data}: every chat record must end with the assistant turn to score")
+            scores = score_responses(model, tokenizer, [r["messages"][:-1] for r in records],
+                                     [r["messages"][-1]["content"] for r in records], batch_size=args.batch_size)
+            rows = [{"index": i, "score": round(float(s), 6)} for i, s in enumerate(torch.sigmoid(scores))]
+    except (CheckpointError, RecordError, FileNotFoundError, ValueError, json.JSONDecodeError) as error:
+        print(f"llama2-lit reward score: error: {error}", file=sys.stderr)
+        return 1
+    if args.out is not None:
+        write_jsonl(rows, args.out)
+        print(f"wrote {len(rows)} scores to {args.out}", file=sys.stderr)
+    else:
+        for row in rows:
+            print(json.dumps(row))
+    return 0
