@@ -138,11 +138,13 @@ class RewardModule(StageModule):
         self.val_metrics.update(*fields, loss_sum=loss_sum)
         if self.source_names and "source" in batch:
             for index, metrics in enumerate(self.source_metrics):
+                # Every rank updates every file's metrics (maybe with no rows): their sync is collective.
                 rows = batch["source"] == index
+                loss_sum = torch.zeros((), device=r_chosen.device)
                 if bool(rows.any()):
-                    metrics.update(*(f[rows] for f in fields), loss_sum=self.losses(
-                        {k: v[rows] for k, v in batch.items() if isinstance(v, Tensor)},
-                        r_chosen[rows], r_rejected[rows])["loss"] * int(rows.sum()))
+                    loss_sum = self.losses({k: v[rows] for k, v in batch.items() if isinstance(v, Tensor)},
+                                           r_chosen[rows], r_rejected[rows])["loss"] * int(rows.sum())
+                metrics.update(*(f[rows] for f in fields), loss_sum=loss_sum)
 
     def _log_metrics(self, prefix: str) -> None:
         groups = [(prefix, self.val_metrics)] + [(f"{prefix}/{name}", metrics)
