@@ -297,7 +297,11 @@ class Transformer(nn.Module):
         """
         if self.score is None:
             raise RuntimeError("this Transformer has no scalar head (built with scalar_head=False)")
-        h = self.hidden_states(tokens, attention_mask=attention_mask)
+        # Right padding only (every row's real tokens come first): causal attention never looks
+        # right and positions count from 0 either way, so the real tokens need no mask (and keep
+        # SDPA's fused causal kernel).
+        right_padded = attention_mask is not None and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+        h = self.hidden_states(tokens, attention_mask=None if right_padded else attention_mask)
         last = last_token_index(attention_mask) if attention_mask is not None else \
             torch.full((tokens.shape[0],), tokens.shape[1] - 1, device=tokens.device)
         h_last = h[torch.arange(tokens.shape[0], device=tokens.device), last]

@@ -168,7 +168,7 @@ def load_sharded_checkpoint(path: str | Path) -> dict[str, Any]:
         dcp.load(state, storage_reader=reader, no_dist=True)
     metadata_file = path / _METADATA_FILENAME
     metadata = torch.load(metadata_file, map_location="cpu", weights_only=True) if metadata_file.is_file() else {}
-    keep = ("model_config", "tokenizer_path", "global_step", "epoch", "hyper_parameters", "pytorch-lightning_version")
+    keep = ("model_config", "model_configs", "tokenizer_path", "global_step", "epoch", "hyper_parameters", "pytorch-lightning_version")
     checkpoint = {key: metadata[key] for key in keep if key in metadata}
     checkpoint["state_dict"] = state["state_dict"]
     return checkpoint

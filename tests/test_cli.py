@@ -41,7 +41,8 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 # ------------------------------------------------------------------------------------ configs
 def test_there_are_configs_for_every_size_and_stage():
     names = {str(path.relative_to(REPO_ROOT / "configs")) for path in CONFIGS}
-    assert {f"{size}/{stage}.yaml" for size in ("nano", "micro", "llama2-7b") for stage in ("pretrain", "sft")} <= names
+    stages = ("pretrain", "sft", "reward_helpfulness", "reward_safety")
+    assert {f"{size}/{stage}.yaml" for size in ("nano", "micro", "llama2-7b") for stage in stages} <= names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda path: str(path.relative_to(REPO_ROOT / "configs")))
@@ -50,7 +51,8 @@ def test_every_config_validates(config, capsys):
         lightning_main(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["class_path"] in ("llama2_lit.stages.PretrainModule", "llama2_lit.stages.SFTModule")
+    assert printed["model"]["class_path"] in ("llama2_lit.stages.PretrainModule", "llama2_lit.stages.SFTModule",
+                                              "llama2_lit.stages.RewardModule")
     assert printed["data"]["class_path"].startswith("llama2_lit.data.datamodules.")
     assert printed["checkpoint"]["save_last"] is True
 
@@ -77,6 +79,33 @@ def test_llama2_7b_configs_carry_the_papers_hyperparameters():
     model, data, trainer = sft["model"]["init_args"], sft["data"]["init_args"], sft["trainer"]
     assert (model["lr"], model["weight_decay"], trainer["max_epochs"], data["max_seq_len"]) == (2e-5, 0.1, 2, 4096)
     assert data["batch_size"] * trainer["accumulate_grad_batches"] * trainer["devices"] == 64  # 3.1
+
+    for kind in ("helpfulness", "safety"):  # reward models, 3.2.2
+        reward = yaml.safe_load((REPO_ROOT / "configs" / "llama2-7b" / f"reward_{kind}.yaml").read_text())
+        model, data, trainer = reward["model"]["init_args"], reward["data"]["init_args"], reward["trainer"]
+        assert (model["lr"], model["min_lr_ratio"], model["warmup_fraction"], model["min_warmup_steps"]) == \
+            (1e-5, 0.1, 0.03, 5)
+        assert data["batch_size"] * trainer["accumulate_grad_batches"] * trainer["devices"] == 512  # pairs
+        assert trainer["max_epochs"] == 1 and trainer["strategy"]["init_args"]["param_dtype"] == "bfloat16"
+        assert model["safety_aux_weight"] == (1.0 if kind == "safety" else 0.0)
+
+
+def test_reward_model_configs_mix_the_data_as_the_paper():
+    """Helpfulness RM: all helpfulness pairs + the safety pairs; safety RM: safety + 10% helpfulness (3.2.2)."""
+    from llama2_lit.data.datamodules import mix_sources
+    from llama2_lit.data.world import SIZES
+
+    for size in ("nano", "micro"):
+        helpful = yaml.safe_load((REPO_ROOT / "configs" / size / "reward_helpfulness.yaml").read_text())["data"]
+        assert helpful["init_args"]["train_files"][0].endswith("preference_helpful_train.jsonl")
+        assert helpful["init_args"]["train_weights"] == [1.0, 1.0]
+        safety = yaml.safe_load((REPO_ROOT / "configs" / size / "reward_safety.yaml").read_text())["data"]
+        files, weights = safety["init_args"]["train_files"], safety["init_args"]["train_weights"]
+        assert files[0].endswith("preference_safety_train.jsonl") and files[1].endswith("preference_helpful_train.jsonl")
+        world = SIZES["default"]  # the world the configs train on
+        mixed = mix_sources([["s"] * world.preference_safety_train, ["h"] * world.preference_helpful_train],
+                            weights, seed=0)
+        assert mixed.count("h") / len(mixed) == pytest.approx(0.10, abs=0.001)
 
 
 # ------------------------------------------------------------------------------------ nano runs

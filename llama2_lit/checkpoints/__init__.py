@@ -102,10 +102,19 @@ _READERS: dict[str, Callable[[Path], _Loaded]] = {
 }
 
 
-def _load(path: str | Path) -> _Loaded:
-    """Read any layout; every reader validates names and shapes against the config it found."""
+def _load(path: str | Path, *, model: str = "model") -> _Loaded:
+    """Read any layout; every reader validates names and shapes against the config it found.
+
+    ``model`` picks one model of a multi-model stage ``.ckpt``; other layouts hold one model.
+    """
     path = Path(path)
-    return _READERS[detect_format(path)](path)
+    layout = detect_format(path)
+    if layout == "lightning":
+        return _read_lightning(path, model)
+    if model != "model":
+        raise CheckpointError(f"{path}: a {layout} checkpoint holds one model; model={model!r} names a model of "
+                              "a multi-model stage .ckpt")
+    return _READERS[layout](path)
 
 
 def find_tokenizer(path: str | Path) -> Path:
@@ -129,42 +138,47 @@ def find_tokenizer(path: str | Path) -> Path:
     return Path(recorded)
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], ModelConfig]:
-    """State dict in our (Meta's) names and the ``ModelConfig``, from any supported layout.
+def load_checkpoint(path: str | Path, *, model: str = "model") -> tuple[dict[str, Tensor], ModelConfig]:
+    """State dict in our (Meta's) names and the ``ModelConfig``, from any supported layout
+    (``model``: which model of a multi-model stage ``.ckpt``, see ``load_model``).
 
     Tensors keep the checkpoint's dtype; files are memory-mapped, so tensors that needed no
     computation stay backed by the file until written to (copy on write).
     """
-    loaded = _load(path)
+    loaded = _load(path, model=model)
     return {name: _materialize(value) for name, value in loaded.tensors.items()}, loaded.config
 
 
 def load_model(path: str | Path, *, lm_head: bool = True, scalar_head: bool = False,
-               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               model: str = "model") -> Transformer:
     """A ``Transformer`` with the checkpoint's weights (in ``dtype`` on ``device``).
+
+    ``model`` names one model of a stage ``.ckpt`` that holds several (PPO's ``value``, ...;
+    ``checkpoint["model_configs"]``); the default is the stage's main model.
 
     The model is built on the meta device and takes the loaded tensors, so no time is spent on an
     initialisation that is overwritten. A head the checkpoint lacks: ``score`` gets a fresh
     initialisation (reward models start from the SFT model, paper 3.2.2); a missing LM head is an
     error. A head the checkpoint has but the caller did not ask for is dropped.
     """
-    loaded = _load(path)
+    loaded = _load(path, model=model)
     config = loaded.config
     if lm_head and "output.weight" not in loaded.tensors:
         raise CheckpointError(f"{loaded.source}: no LM head ('output.weight'); it is a scalar-head model "
                               "(load it with lm_head=False, scalar_head=True)")
     with torch.device("meta"):
-        model = Transformer(config, lm_head=lm_head, scalar_head=scalar_head)
-    wanted = model.state_dict().keys()
+        built = Transformer(config, lm_head=lm_head, scalar_head=scalar_head)
+    wanted = built.state_dict().keys()
     state = {name: _materialize(value).to(device=device, dtype=dtype, copy=True)
              for name, value in loaded.tensors.items() if name in wanted}
     fresh_score = scalar_head and "score.weight" not in state
     if fresh_score:
         state["score.weight"] = torch.empty(1, config.dim, device=device, dtype=dtype)
-    model.load_state_dict(state, strict=True, assign=True)
+    built.load_state_dict(state, strict=True, assign=True)
     if fresh_score:
-        model.reset_score_head()
-    return model
+        built.reset_score_head()
+    return built
 
 
 def convert(src: str | Path, dst: str | Path, *, to: Literal["lit", "hf"] = "lit",

@@ -4,6 +4,11 @@ No Lightning, no I/O, no state: each function is one formula of the paper (or on
 algorithm the paper names), tested in isolation on hand-computed cases, and the training stages
 call them.
 
+``ranking`` is the reward models' loss, paper section 3.2.2:
+
+* ``ranking_loss`` — Eq. (2), ``-log σ(r_c − r_r − m(r))``, with ``rating_margins`` (Table 27's
+  margins by rating) and ``safety_auxiliary_loss`` (our reading of the safety RM's auxiliary loss).
+
 ``rewards`` is the reward of PPO, paper section 3.2.3, Eq. (4):
 
 * ``safety_first_reward`` — R_c, the safety reward model's score where the prompt is
@@ -35,6 +40,7 @@ from llama2_lit.rlhf.ppo import (
     ppo_policy_loss,
     ppo_value_loss,
 )
+from llama2_lit.rlhf.ranking import MARGINS, rating_margins, ranking_loss, safety_auxiliary_loss
 from llama2_lit.rlhf.rewards import (
     SAFETY_THRESHOLD,
     WhitenStats,
@@ -48,6 +54,7 @@ from llama2_lit.rlhf.rewards import (
 )
 
 __all__ = [
+    "MARGINS", "rating_margins", "ranking_loss", "safety_auxiliary_loss",
     "SAFETY_THRESHOLD", "PolicyLossOutput", "Trajectory", "ValueLossOutput", "WhitenStats", "entropy_from_logits",
     "gae_advantages", "kl_per_token", "last_valid_index", "logit", "masked_mean", "masked_whiten",
     "penalized_token_rewards", "ppo_policy_loss", "ppo_value_loss", "safety_first_reward", "uses_safety_reward",

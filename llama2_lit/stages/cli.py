@@ -88,6 +88,7 @@ class _RunPlan:
     ckpt_path: str | None
     resume_step: int | None
     checkpoint_config: ModelConfig | None
+    checkpoint_model_configs: dict[str, dict[str, Any]] | None = None
 
 
 def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
@@ -213,7 +214,7 @@ class StageCLI(LightningCLI):
         if verb != "fit":
             self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"{verb}-config.yaml"}
         self.plan = _RunPlan(verb, stage, size, run_dir, name, run_id, options, ckpt_path, resume_step,
-                             checkpoint_config)
+                             checkpoint_config, metadata.get("model_configs"))
 
     @staticmethod
     def _start_fresh(run_dir: Path, checkpoint_dir: Path, options: RunOptions) -> None:
@@ -233,7 +234,7 @@ class StageCLI(LightningCLI):
         plan = self.plan
         if plan is not None and plan.ckpt_path and plan.checkpoint_config is not None:
             # The weights come from the checkpoint: build the model with its config, skip init_from.
-            self.model.restore_weights_from_checkpoint(plan.checkpoint_config)
+            self.model.restore_weights_from_checkpoint(plan.checkpoint_config, plan.checkpoint_model_configs)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})

@@ -112,5 +112,12 @@ class PreferenceDataModule(_RecordsDataModule):
             "rejected_safe": _safety_label(record.get("rejected_safe")),
         }
 
+    def _encode_into(self, out: list[Any], record: dict[str, Any], path: str, number: int) -> None:
+        # A validation pair remembers its file (batch key ``source``), so metrics can be split by file.
+        before = len(out)
+        super()._encode_into(out, record, path, number)
+        if len(out) > before and path in self.val_files:
+            out[-1]["source"] = self.val_files.index(path)
+
     def collate(self) -> PreferenceCollate:
         return PreferenceCollate()
