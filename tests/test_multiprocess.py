@@ -5,7 +5,8 @@ One purposeful test, three launches:
 1. FSDP2 (``--trainer.strategy fsdp2``, launched like a cluster job with torchrun) trains 4 steps
    and saves a sharded checkpoint (a DCP directory);
 2. the same command with ``--ckpt_path last`` resumes it from the shards and trains steps 5-6,
-   validating after each step with the oracle callback generating under FSDP;
+   validating after each step with the oracle callback generating from a consolidated copy of
+   the sharded weights (``llama2_lit.rollout``);
 3. DDP (``--trainer.strategy ddp``, Lightning's own launcher) trains the 6 steps uninterrupted.
 
 Both runs start from the same weights (under FSDP rank 0 builds them and they are broadcast
@@ -72,8 +73,8 @@ def test_fsdp2_and_ddp_on_two_processes_train_resume_and_consolidate(tmp_path):
     last = fsdp / "checkpoints" / "last.ckpt"
     assert is_sharded_checkpoint(last) and sorted(p.name for p in last.glob("*.distcp")) == \
         ["__0_0.distcp", "__1_0.distcp"]  # one shard file per rank
-    # The resumed run also validates after each step, with the oracle callback decoding under
-    # FSDP (all ranks in lockstep) before training goes on: generation must not break training.
+    # The resumed run also validates after each step, with the oracle callback decoding from a
+    # consolidated copy of the shards before training goes on: generation must not break training.
     launch(torchrun, fsdp, "--trainer.strategy", "fsdp2", "--trainer.max_steps", "6", "--ckpt_path", "last",
            "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "2",
            "--trainer.callbacks+=llama2_lit.stages.callbacks.OracleHelpfulness",

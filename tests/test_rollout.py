@@ -5,8 +5,9 @@ The 2-process test shards a small model over 2 CPU ranks (gloo, ``fully_shard`` 
 Every rank also keeps an unsharded copy of the same initial weights as the reference. Greedy
 tokens through the consolidated copy must equal the reference's and the naive sharded path's,
 token for token; sampled tokens too; each rank then generates its own prompts through the copy
-(no lockstep), the copy is freed by ``release``, a training step changes the shards and the next
-sync picks the new weights up. The timings of both paths are printed (``pytest -s``); the test
+(no lockstep), the copy is freed by ``release``, a bf16 mixed-precision policy with activation
+checkpointing gets a bf16 copy, a training step changes the shards and the next sync picks the
+new weights up. The timings of both paths are printed (``pytest -s``); the test
 only asserts that the engine is not slower than the naive path.
 """
 
@@ -88,6 +89,7 @@ def test_fsdp2_consolidated_rollout_matches_unsharded_and_beats_naive_sharded_ge
         # Each rank's own prompts, stopping at EOS: no lockstep between ranks, same tokens as alone.
         assert out["own_prompts"] == out["own_prompts_reference"], f"rank {rank}"
         assert out["copy_is_exact"] and out["bf16_copy_is_exact"] and out["bf16_dtype"] == "torch.bfloat16"
+        assert out["mixed_dtype"] == "torch.bfloat16" and out["mixed"] == out["mixed_reference"], f"rank {rank}"
         assert out["storage_reused"], "a second sync without release must copy into the same storage"
         assert out["copy_freed"], "release() must free the copy's parameters"
         assert out["after_step_is_exact"] and out["after_step"] == out["after_step_reference"], f"rank {rank}"
@@ -111,7 +113,7 @@ def _worker(out_dir: Path) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from llama2_lit.parallelize import apply_fsdp
+    from llama2_lit.parallelize import apply_activation_checkpointing, apply_fsdp
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -124,14 +126,17 @@ def _worker(out_dir: Path) -> None:
     vocab = reference.config.vocab_size
     prompts = make_prompts(vocab, BATCH, seed=7)
     greedy = dict(max_new_tokens=NEW_TOKENS, temperature=0.0, eos_id=None)
+    short = {**greedy, "max_new_tokens": 16}  # for the checks that are not timed
     result: dict = {"parameters": sum(p.numel() for p in reference.parameters())}
 
     def tokens(out):
         return out.response_ids.tolist()
 
-    def copy_equals(engine, model, dtype=None):
-        return all(torch.equal(a, b if dtype is None else b.to(dtype))
-                   for a, b in zip(engine.model.state_dict().values(), model.state_dict().values()))
+    def copy_equals(engine, model, dtype=None, atol=0.0):
+        copied = engine.model.state_dict()
+        return sorted(copied) == sorted(model.state_dict()) and all(
+            torch.allclose(copied[name], tensor if dtype is None else tensor.to(dtype), rtol=0, atol=atol)
+            for name, tensor in model.state_dict().items())
 
     result["reference"] = tokens(generate(reference, prompts, **greedy))
 
@@ -139,7 +144,7 @@ def _worker(out_dir: Path) -> None:
     repeats, seconds = 2, {"naive": float("inf"), "sync": float("inf"), "generate": float("inf"),
                            "release": float("inf")}
     naive, engine = ShardedRollout(), ConsolidatedRollout()
-    for _ in range(repeats):
+    for repeat in range(repeats):
         dist.barrier()
         start = time.perf_counter()
         with naive.rollout(policy):
@@ -152,7 +157,7 @@ def _worker(out_dir: Path) -> None:
         synced = time.perf_counter()
         result["consolidated"] = tokens(engine.generate(prompts, **greedy))
         generated = time.perf_counter()
-        if _ == 0:
+        if repeat == 0:
             result["copy_is_exact"] = copy_equals(engine, reference)
             first_copy = weakref.ref(engine.model.layers[0].attention.wq.weight)
         engine.release()
@@ -168,22 +173,35 @@ def _worker(out_dir: Path) -> None:
     result["sampled_reference"] = tokens(generate(reference, prompts, **sampling))
     with engine.rollout(policy):
         result["sampled"] = tokens(engine.generate(prompts, **sampling))
-        # Each rank its own prompts, stopping at EOS (a token the model emits early for some rows):
-        # ranks finish after different numbers of steps, which would deadlock the sharded path.
-        own = make_prompts(vocab, 4, seed=100 + rank)
-        eos = result["reference"][0][3]
-        result["own_prompts"] = tokens(engine.generate(own, max_new_tokens=24, temperature=0.0, eos_id=eos))
-        result["own_prompts_reference"] = tokens(generate(reference, own, max_new_tokens=24, temperature=0.0,
-                                                          eos_id=eos))
+        # Each rank its own prompts and its own number of decode steps: a collective inside
+        # decoding (the sharded path's all-gathers) would hang here until the timeout.
+        own = dict(max_new_tokens=24 if rank == 0 else 10, temperature=0.0, eos_id=result["reference"][0][3])
+        own_prompts = make_prompts(vocab, 4, seed=100 + rank)
+        result["own_prompts"] = tokens(engine.generate(own_prompts, **own))
+        result["own_prompts_reference"] = tokens(generate(reference, own_prompts, **own))
 
     bf16 = ConsolidatedRollout(dtype=torch.bfloat16)
     with bf16.rollout(policy):
         result["bf16_dtype"] = str(next(bf16.model.parameters()).dtype)
         result["bf16_copy_is_exact"] = copy_equals(bf16, reference, torch.bfloat16)
-        bf16.generate(prompts, **greedy)  # runs (tokens may differ from fp32's)
+        bf16.generate(prompts, **short)  # runs (tokens may differ from fp32's)
+
+    # Mixed precision (bf16 compute, fp32 master shards) and activation checkpointing, as the
+    # GPU strategy ``fsdp2_bf16`` shards: by default the copy takes FSDP's compute dtype, and
+    # computes what the bf16 reference computes.
+    mixed = copy.deepcopy(reference)
+    apply_activation_checkpointing(mixed)
+    apply_fsdp(mixed, mesh, param_dtype=torch.bfloat16)
+    with ConsolidatedRollout().rollout(mixed) as mixed_engine:
+        result["mixed_dtype"] = str(next(mixed_engine.model.parameters()).dtype)
+        result["mixed"] = tokens(mixed_engine.generate(prompts, **short))
+    result["mixed_reference"] = tokens(generate(copy.deepcopy(reference).to(torch.bfloat16), prompts,
+                                                **short))
 
     # Training resumes on the shards after both paths; the next sync sees the new weights and
-    # copies them into the copy it already holds.
+    # copies them into the copy the engine still holds.
+    engine.sync_weights(policy)
+    storage = engine.model.output.weight.data_ptr()
     batch = torch.randint(3, vocab, (2, 16), generator=torch.Generator().manual_seed(3))
     losses = []
     for model in (policy, reference):
@@ -197,13 +215,10 @@ def _worker(out_dir: Path) -> None:
         model.eval()
     result["trained_loss_matches"] = abs(losses[0] - losses[1]) < 1e-5
     engine.sync_weights(policy)
-    storage = engine.model.output.weight.data_ptr()
-    engine.sync_weights(policy)
     result["storage_reused"] = engine.model.output.weight.data_ptr() == storage
-    result["after_step_is_exact"] = all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in
-                                        zip(engine.model.state_dict().values(), reference.state_dict().values()))
-    result["after_step"] = tokens(engine.generate(prompts, **greedy))
-    result["after_step_reference"] = tokens(generate(reference, prompts, **greedy))
+    result["after_step_is_exact"] = copy_equals(engine, reference, atol=1e-6)
+    result["after_step"] = tokens(engine.generate(prompts, **short))
+    result["after_step_reference"] = tokens(generate(reference, prompts, **short))
     engine.release()
 
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
