@@ -29,19 +29,22 @@ pushes the gathered weights into its workers, ``generate`` calls it, ``release``
 
 **One copy per node.** The paper does not say how the consolidated weights are laid out within a
 node. ``ConsolidatedRollout`` gives *every rank* its own full copy, on its own device, gathered
-with FSDP's own all-gather, one collective per FSDP unit (``FSDPModule.unshard``). On a node of GPUs that is one copy per
-GPU, and each rank then generates its own share of the prompts, independently: decoding needs no
-collective, so ranks need not run the same number of decode steps (under FSDP they must, or they
-deadlock), and all the node's GPUs generate at once. The alternative, one copy on local rank 0
-while the other GPUs wait, would leave most of the node idle during the phase that dominates an
-RLHF step. On CPU (the tests) every process of the node holds a copy in host memory. Where a
-model's copy does not fit one device even in bf16 (70B on 80 GB GPUs), the node's GPUs must
-share one copy with tensor parallelism: that is the inference engine's job behind this seam.
+with FSDP's own all-gather, one collective per FSDP unit (``FSDPModule.unshard``). On a node of
+GPUs that is one copy per GPU, and each rank then generates its own share of the prompts,
+independently: decoding needs no collective, so ranks need not run the same number of decode
+steps (under FSDP they must, or they deadlock), and all the node's GPUs generate at once. The
+alternative, one copy on local rank 0 while the other GPUs wait, would leave most of the node
+idle during the phase that dominates an RLHF step. On CPU (the tests) every process of the node
+holds a copy in host memory. Where a model's copy does not fit one device even in bf16 (70B on
+80 GB GPUs), the node's GPUs must share one copy with tensor parallelism: that is the inference
+engine's job behind this seam.
 
 Peak memory during ``sync_weights``: the rank's shards, the copy, and one FSDP unit's gathered
 weights at a time (a block, a head, or the embeddings with the final norm), which are copied in
-and freed before the next unit is gathered. The copy's log-probs are those of the copy: in bf16 they differ slightly from the fp32
-policy's, so PPO recomputes the old log-probs with the policy itself (``sequence_logprobs``).
+and freed before the next unit is gathered. The sync moves the model once; the naive path moves
+it once per generated token (``benchmarks/rollout.py`` times both). Log-probs returned by
+``generate`` are the copy's: in bf16 they differ slightly from the fp32 policy's, so PPO should
+recompute the old log-probs with the policy itself (``generation.sequence_logprobs``).
 """
 
 from __future__ import annotations

@@ -51,24 +51,28 @@ def test_unsharded_policy_generates_from_itself_with_no_copy():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**{**SHAPE, "n_layers": 2, "dim": 64})).eval()
     prompts = make_prompts(model.config.vocab_size, 4, seed=1)
-    expected = generate(model, prompts, max_new_tokens=8, temperature=0.7, top_p=1.0, eos_id=None, generator=[1, 2, 3, 4])
+    sampling = dict(max_new_tokens=8, temperature=0.7, top_p=1.0, eos_id=None, generator=[1, 2, 3, 4])
+    expected = generate(model, prompts, **sampling)
 
     engine = ConsolidatedRollout(dtype=torch.bfloat16)  # dtype applies to a copy; an unsharded policy has none
     with pytest.raises(RuntimeError, match="sync_weights"):
         engine.generate(prompts, max_new_tokens=8, eos_id=None)
     with engine.rollout(model):
         assert engine.model is model and not engine.holds_copy
-        out = engine.generate(prompts, max_new_tokens=8, temperature=0.7, top_p=1.0, eos_id=None,
-                              generator=[1, 2, 3, 4])
+        out = engine.generate(prompts, **sampling)
     assert out.response_ids.tolist() == expected.response_ids.tolist()
     torch.testing.assert_close(out.logprobs, expected.logprobs, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="sync_weights"):  # released: holds no weights
         engine.model  # noqa: B018
 
+    with pytest.raises(ValueError, match="empty"), engine.rollout(model):  # released on errors too
+        engine.generate([[]], max_new_tokens=8, eos_id=None)
+    with pytest.raises(RuntimeError, match="sync_weights"):
+        engine.model  # noqa: B018
+
     naive = ShardedRollout()  # on an unsharded model, the naive path is plain generation too
     with naive.rollout(model):
-        again = naive.generate(prompts, max_new_tokens=8, temperature=0.7, top_p=1.0, eos_id=None,
-                               generator=[1, 2, 3, 4])
+        again = naive.generate(prompts, **sampling)
     assert again.response_ids.tolist() == expected.response_ids.tolist()
 
 
@@ -162,7 +166,8 @@ def _worker(out_dir: Path) -> None:
             first_copy = weakref.ref(engine.model.layers[0].attention.wq.weight)
         engine.release()
         released = time.perf_counter()
-        for name, value in (("sync", synced - start), ("generate", generated - synced), ("release", released - generated)):
+        for name, value in (("sync", synced - start), ("generate", generated - synced),
+                            ("release", released - generated)):
             seconds[name] = min(seconds[name], value)
     gc.collect()
     result["copy_freed"] = first_copy() is None and not engine.holds_copy
