@@ -202,9 +202,8 @@ class ShardedRollout(RolloutEngine):
     Every decode step runs each FSDP unit's pre-forward all-gather (every block, the heads, the
     root), so a response of n tokens moves the whole model n times; this is what paper section
     3.2.3 measured at ≈20× slower. The all-gathers are collectives: **every rank must call
-    ``generate`` with the same number of prompts and reach the same number of decode steps**
-    (same prompts, greedy, or ``eos_id=None``), or the ranks deadlock. An unsharded model
-    generates as usual.
+    ``generate`` as often as the others and run as many decode steps** (the same prompts decoded
+    greedily, or ``eos_id=None``), or the ranks deadlock. An unsharded model generates as usual.
     """
 
     def __init__(self) -> None:
@@ -224,6 +223,12 @@ class ShardedRollout(RolloutEngine):
         return generate(self.model, prompts, **options)
 
     def release(self) -> None:
+        if self._model is not None and is_sharded(self._model):
+            from torch.distributed.fsdp import FSDPModule
+
+            for module in self._model.modules():  # the last block keeps its gathered weights after forward
+                if isinstance(module, FSDPModule):
+                    module.reshard()
         self._model = None
 
 
