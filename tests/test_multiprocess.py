@@ -7,7 +7,7 @@ One purposeful test, three launches:
    at step 4 (``InterruptCheckpointSave``), leaving its shard half-written;
 2. the same command with ``--ckpt_path last`` resumes from the shards of step 2 (``last`` still
    names them) and trains steps 3-6, validating after each step with the oracle callback
-   generating under FSDP;
+   generating from a consolidated copy of the sharded weights (``llama2_lit.rollout``);
 3. DDP (``--trainer.strategy ddp``, Lightning's own launcher) trains the 6 steps uninterrupted.
 
 Both runs start from the same weights (under FSDP rank 0 builds them and they are broadcast
@@ -84,8 +84,8 @@ def test_fsdp2_and_ddp_on_two_processes_train_resume_and_consolidate(tmp_path):
     assert is_sharded_checkpoint(last) and sorted(p.name for p in last.glob("*.distcp")) == \
         ["__0_0.distcp", "__1_0.distcp"]  # one shard file per rank
     assert (partial / "__1_0.distcp").stat().st_size < (last / "__1_0.distcp").stat().st_size  # half of it
-    # The resumed run also validates after each step, with the oracle callback decoding under
-    # FSDP (all ranks in lockstep) before training goes on: generation must not break training.
+    # The resumed run also validates after each step, with the oracle callback decoding from a
+    # consolidated copy of the shards before training goes on: generation must not break training.
     launch(torchrun, fsdp, "--trainer.strategy", "fsdp2", "--trainer.max_steps", "6", "--ckpt_path", "last",
            "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "2",
            "--trainer.callbacks+=llama2_lit.stages.callbacks.OracleHelpfulness",

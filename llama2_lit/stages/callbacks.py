@@ -16,6 +16,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from llama2_lit.evaluation import helpfulness_summary, oracle_answers
+from llama2_lit.rollout import ConsolidatedRollout
 
 
 class StageCheckpoint(ModelCheckpoint):
@@ -310,7 +311,10 @@ class OracleHelpfulness(Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        results = oracle_answers(pl_module.model, self._tokenizer, self._records, max_new_tokens=self.max_new_tokens,
-                                 batch_size=self.batch_size)
+        # A sharded model answers from one consolidated copy of its weights, freed afterwards
+        # (paper section 3.2.3), not from its shards (an all-gather of every layer per token).
+        with ConsolidatedRollout().rollout(pl_module.model) as engine:
+            results = oracle_answers(engine.model, self._tokenizer, self._records,
+                                     max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
         for name, value in helpfulness_summary(results).items():
             pl_module.log(f"val/{name}", value)
