@@ -331,7 +331,7 @@ def _generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_toke
 # ---------------------------------------------------------------------------------------- scoring
 def sequence_logprobs(model: Transformer, input_ids: Tensor, attention_mask: Tensor | None = None, *,
                       response_mask: Tensor | None = None, prompt_lengths: Tensor | None = None,
-                      temperature: float = 1.0) -> Tensor:
+                      temperature: float = 1.0, return_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probs of given tokens with one forward pass: ``out[b, t] = log p_T(input_ids[b, t] | input_ids[b, :t])``.
 
     ``p_T = softmax(logits / temperature)`` over the full vocabulary: the distribution
@@ -345,6 +345,9 @@ def sequence_logprobs(model: Transformer, input_ids: Tensor, attention_mask: Ten
 
     ``attention_mask`` (batch, seq) marks real tokens (None = all real). Scoring position 0 is an
     error: it has no context.
+
+    ``return_entropy``: also return the entropy of ``p_T`` at each scored position (same layout),
+    from the same logits (PPO logs it).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (use 1.0 for greedy outputs), got {temperature}")
@@ -362,8 +365,15 @@ def sequence_logprobs(model: Transformer, input_ids: Tensor, attention_mask: Ten
         logits = logits / temperature
     targets = input_ids[:, 1:, None]
     # Gather then subtract logsumexp: never materialises a second (batch, seq, vocab) tensor.
-    token_logprobs = logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(dim=-1)
-    return F.pad(token_logprobs, (1, 0)).masked_fill(~scored, 0.0)
+    log_normalizer = logits.logsumexp(dim=-1)
+    token_logprobs = F.pad(logits.gather(-1, targets).squeeze(-1) - log_normalizer, (1, 0)).masked_fill(~scored, 0.0)
+    if not return_entropy:
+        return token_logprobs
+    from llama2_lit.rlhf.ppo import entropy_from_logits
+
+    with torch.no_grad():
+        entropy = entropy_from_logits(logits)
+    return token_logprobs, F.pad(entropy, (1, 0)).masked_fill(~scored, 0.0)
 
 
 # ---------------------------------------------------------------------------------------- helpers
