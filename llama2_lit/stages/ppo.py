@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from llama2_lit.generation import generate, sequence_logprobs
+from llama2_lit.generation import sequence_logprobs
 from llama2_lit.rlhf import (
     Trajectory,
     gae_advantages,
@@ -62,6 +62,7 @@ from llama2_lit.rlhf import (
     uses_safety_reward,
     whiten_with_stats,
 )
+from llama2_lit.rollout import ConsolidatedRollout, RolloutEngine
 from llama2_lit.stages.base import BatchContract, StageModule
 from llama2_lit.stages.models import ModelSource
 
@@ -128,6 +129,9 @@ class PPOModule(StageModule):
             raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {kl_estimator!r}")
         self.automatic_optimization = False
         self.value = self.reference = self.reward_helpfulness = self.reward_safety = None
+        # The sampler's own log-probs are only a diagnostic: the old log-probs are recomputed with
+        # the policy, so an engine generating from a bf16 copy changes nothing downstream.
+        self.rollout_engine: RolloutEngine = ConsolidatedRollout()
         self._tokenizer = None
 
     # ------------------------------------------------------------------------------ models
@@ -275,13 +279,12 @@ class PPOModule(StageModule):
         return trajectory, stats
 
     def generate_rollouts(self, prompts: list[list[int]], seeds: list[int]):
-        """One response per prompt: pure sampling (top-p 1) at ``temperature``."""
-        from llama2_lit.parallelize import prepare_for_inference_mode
-
-        prepare_for_inference_mode(self.model, self.tokenizer.bos_id)
-        return generate(self.model, prompts, max_new_tokens=self.hparams.max_new_tokens,
-                        temperature=self.hparams.temperature, top_p=1.0, eos_id=self.tokenizer.eos_id,
-                        generator=seeds)
+        """One response per prompt: pure sampling (top-p 1) at ``temperature``, through the rollout
+        engine (under FSDP2 a consolidated copy of the policy, gathered once and freed after)."""
+        with self.rollout_engine.rollout(self.model) as engine:
+            return engine.generate(prompts, max_new_tokens=self.hparams.max_new_tokens,
+                                   temperature=self.hparams.temperature, top_p=1.0, eos_id=self.tokenizer.eos_id,
+                                   generator=seeds)
 
     def _values(self, input_ids: Tensor, attention_mask: Tensor, prompt_width: int) -> Tensor:
         """V of the state before each response token: the value head at the position whose logits
