@@ -331,13 +331,15 @@ class PPOModule(StageModule):
                 optimizer.zero_grad(set_to_none=True)
                 self.manual_backward(loss)
                 self.optimizer_step(optimizer)
+                # sync_dist: the mean over ranks, which for the (token-normalised) losses is the loss
+                # of the whole mini-batch, the number one process would log.
                 self.log_dict({"train/loss": loss.detach(), "ppo/policy_loss": policy.loss.detach(),
                                "ppo/value_loss": value.loss.detach(), "ppo/clip_fraction": policy.clip_fraction,
                                "ppo/value_clip_fraction": value.clip_fraction, "ppo/ratio_mean": policy.ratio_mean,
-                               "ppo/approx_kl": policy.approx_kl}, prog_bar=False)
+                               "ppo/approx_kl": policy.approx_kl}, sync_dist=True)
         self.log("ppo/iteration", float(iteration))
-        self.log_dict({key: value.float() for key, value in stats.items()})
-        self.log("ppo/reward", stats["ppo/reward_rc"], prog_bar=True)
+        self.log_dict({key: value.float().to(self.device) for key, value in stats.items()}, sync_dist=True)
+        self.log("ppo/reward", stats["ppo/reward_rc"], prog_bar=True, sync_dist=True)
 
     def _losses(self, mini: Trajectory):
         """Clipped policy and value losses of one mini-batch, scaled so that the mean over tokens is the
