@@ -1,6 +1,6 @@
 """Model configuration: one dataclass, the paper's sizes and the course sizes.
 
-The Llama 2 sizes follow Meta's ``params.json`` files and Table 1 of the paper (spec section 1.1).
+The Llama 2 sizes follow Meta's ``params.json`` files and Table 1 of the paper.
 The FFN hidden size is derived exactly as Meta's ``FeedForward.__init__`` derives it, so that a
 preset reproduces the released checkpoints' shapes (and their exact parameter counts).
 """
@@ -48,7 +48,7 @@ class ModelConfig:
     ffn_dim_multiplier: float | None = None
     """Optional widening of the FFN (1.3 for 70B, to keep GQA's parameter count equal to MHA's)."""
     norm_eps: float = 1e-5
-    """RMSNorm epsilon. Llama 2 uses 1e-5 (Llama 1 used 1e-6; spec pitfall 11.2)."""
+    """RMSNorm epsilon. Llama 2 uses 1e-5, as its params.json files say (Llama 1 used 1e-6)."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
     max_seq_len: int = 4096
@@ -165,7 +165,7 @@ class ModelConfig:
 COURSE_VOCAB_SIZE = 4096
 
 PRESETS: dict[str, ModelConfig] = {
-    # --- Llama 2 (spec section 1.1; Meta params.json; HF config.json) ---
+    # --- Llama 2 (paper Table 1; Meta params.json; HF config.json) ---
     "llama2-7b": ModelConfig(
         name="llama2-7b", dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, multiple_of=256,
         notes="Meta params.json; paper Table 1",

@@ -5,14 +5,14 @@ must be exact *and* fast:
 
 * **Exact.** Prompts are left-padded; the model's ``KVCache`` keeps padding masked forever and
   counts positions over real tokens only, so a row decodes exactly as it would alone. Sampling is
-  Meta's rule (``llama/generation.py``, spec section 10): ``softmax(logits / T)``, top-p keeps the
+  Meta's rule (``sample_top_p`` in ``llama/generation.py``): ``softmax(logits / T)``, top-p keeps the
   smallest prefix of the sorted distribution whose mass reaches ``top_p`` (the crossing token
   included), renormalises, samples; ``T == 0`` is greedy.
 * **Log-probs for PPO.** Every sampled token comes with ``log_softmax(logits / T)`` of that token
   over the *full* vocabulary: the policy's own distribution at temperature T, which is what PPO's
-  importance ratio and KL need (rlhf-anchors section 2, items 8-9, 12). Top-p truncation is a
+  importance ratio and KL penalty need (paper section 3.2.3, "PPO"). Top-p truncation is a
   sampling choice that this log-prob deliberately ignores, so **PPO rollouts must use
-  ``top_p=1.0``** (item 10), otherwise the samples do not come from the distribution the
+  ``top_p=1.0``**, otherwise the samples do not come from the distribution the
   log-probs describe. At ``T == 0`` (greedy) the log-probs are of the untempered distribution,
   ``log_softmax(logits)`` (T = 1). ``GenerationOutput.logprob_temperature`` records which, and
   ``sequence_logprobs`` recomputes the same numbers with one forward pass.
@@ -37,7 +37,7 @@ from torch import Tensor
 
 from llama2_lit.model import KVCache, Transformer
 
-# Meta's defaults for chat and text completion (spec section 10).
+# Meta's defaults for chat and text completion (``llama/generation.py`` and its example scripts).
 DEFAULT_TEMPERATURE = 0.6
 DEFAULT_TOP_P = 0.9
 

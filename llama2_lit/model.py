@@ -4,7 +4,7 @@ Every stage of the recipe runs on this module: pretraining and SFT use the langu
 reward and value models use the scalar head (paper section 3.2.2: "the classification head for
 next-token prediction is replaced with a regression head for outputting a scalar reward").
 
-Architecture (paper section 2.2 and Meta's ``llama/model.py``; spec section 1.2):
+Architecture (paper section 2.2 and Meta's ``llama/model.py``):
 pre-norm residual blocks ``h = x + Attention(RMSNorm(x)); out = h + FeedForward(RMSNorm(h))``,
 RMSNorm computed in fp32, rotary position embeddings on queries and keys, grouped-query attention
 (paper A.2.1), a SwiGLU feed-forward, a final RMSNorm and an untied output projection. No biases,
@@ -14,7 +14,7 @@ Parameter names are Meta's (``tok_embeddings``, ``layers.{i}.attention.wq``, ``f
 ``attention_norm``, ``ffn_norm``, ``norm``, ``output``), so our state dict *is* a Meta consolidated
 checkpoint. RoPE uses Meta's convention: dimensions ``(2i, 2i+1)`` of each head form a rotating
 pair (a complex number). Hugging Face rotates the pairs ``(i, i + head_dim/2)`` instead, and
-permutes the rows of ``wq``/``wk`` to match; ``checkpoints.py`` converts at that boundary.
+permutes the rows of ``wq``/``wk`` to match; ``llama2_lit.checkpoints`` converts at that boundary.
 
 Sharding (FSDP), activation checkpointing and mixed precision are applied from outside by
 ``llama2_lit.parallelize``; this file only describes the math.
@@ -72,7 +72,7 @@ def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Preallocated keys and values for incremental decoding (spec 1.5: Meta preallocates too).
+    """Preallocated keys and values for incremental decoding (Meta's ``llama/model.py`` preallocates its cache too).
 
     Layout per layer is (batch, n_kv_heads, max_seq_len, head_dim), the layout attention reads.
     The cache also remembers which slots hold real tokens (``key_mask``: left padding stays

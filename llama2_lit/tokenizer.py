@@ -1,4 +1,4 @@
-"""SentencePiece tokenizer with Llama 2's conventions (spec section 2, paper section 2.2).
+"""SentencePiece tokenizer with Llama 2's conventions (paper section 2.2, "Tokenizer"; Meta's ``llama/tokenizer.py``).
 
 Meta's wrapper: ``encode(s, bos, eos) = [BOS]*bos + sp.encode(s) + [EOS]*eos``; unk/bos/eos are
 0/1/2 and there is **no pad id** (``pad_id == -1``). Padding is therefore never a token value in
@@ -44,7 +44,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Llama 2's trainer settings, as stored in Meta's tokenizer.model (spec section 2). The vocabulary
+# Llama 2's trainer settings, as stored in the trainer_spec of Meta's tokenizer.model. The vocabulary
 # size is left to the caller.
 LLAMA2_TRAINER_SPEC: dict[str, object] = dict(
     model_type="bpe",

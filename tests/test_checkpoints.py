@@ -1,7 +1,7 @@
 """Checkpoint interop: Meta shards, HF folders, our format and Lightning .ckpt, exactly and safely.
 
 Every checkpoint here is built by the test itself: a tiny model's state dict split into Meta's
-model-parallel shards along the dimensions of spec section 1.4 (written down again below, on
+model-parallel shards along the dimensions of Meta's ``llama/model.py`` (written down again below, on
 purpose, rather than imported from the code under test), or saved by transformers itself.
 """
 
@@ -25,7 +25,7 @@ from llama2_lit.config import ModelConfig
 from llama2_lit.model import Transformer
 from llama2_lit.tokenizer import Tokenizer
 
-# Spec section 1.4: how Meta's model-parallel ranks split each tensor (None = replicated).
+# Meta's llama/model.py: how its model-parallel ranks split each tensor (None = replicated).
 META_SPLIT_DIM = {
     "tok_embeddings.weight": 1, "attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0,
     "attention.wo.weight": 1, "feed_forward.w1.weight": 0, "feed_forward.w3.weight": 0,

@@ -4,7 +4,7 @@ The same Llama 2 weights travel in three folder layouts (plus the ``.ckpt`` file
 
 * **Meta** (the ``facebookresearch/llama`` download): ``params.json`` + ``consolidated.NN.pth``,
   one file per model-parallel rank. Tensor names are ours (``model.py`` uses Meta's names). Each
-  matrix is split along the dimension its parallel layer splits (spec section 1.4): column-parallel
+  matrix is split along the dimension its parallel layer splits (``llama/model.py``): column-parallel
   layers (``wq``/``wk``/``wv``, ``w1``/``w3``, ``output``) along dim 0, row-parallel layers
   (``wo``, ``w2``) and the embedding along dim 1; norms are replicated. ``params.json`` stores
   ``vocab_size: -1`` (filled from the tensors here) and omits ``n_kv_heads``/``rope_theta`` when
@@ -13,7 +13,7 @@ The same Llama 2 weights travel in three folder layouts (plus the ``.ckpt`` file
 * **Hugging Face** (``LlamaForCausalLM.save_pretrained``): ``config.json`` + ``model.safetensors``,
   or shards listed by ``model.safetensors.index.json``, or older ``pytorch_model*.bin``. Names
   differ, and HF rotates half-split pairs instead of Meta's interleaved pairs, so it stores
-  ``wq``/``wk`` with their rows permuted within each head (spec section 1.3).
+  ``wq``/``wk`` with their rows permuted within each head (as transformers' ``convert_llama_weights_to_hf.py``).
 * **Ours**: ``config.json`` (a ``ModelConfig``) + ``model.safetensors`` in Meta's names, and the
   ``tokenizer.model`` it was trained with.
 * **Lightning** ``.ckpt`` written by a stage: ``state_dict`` with the core under ``model.``, the

@@ -21,7 +21,7 @@ from llama2_lit.checkpoints.hf_tokenizer import write_hf_tokenizer
 from llama2_lit.config import ModelConfig
 
 
-# Meta name -> HF name, for the per-layer tensors (spec section 1.4).
+# Meta name -> HF name, for the per-layer tensors (as transformers' ``convert_llama_weights_to_hf.py``).
 _HF_LAYER_NAMES = {
     "attention.wq.weight": "self_attn.q_proj.weight",
     "attention.wk.weight": "self_attn.k_proj.weight",
@@ -249,7 +249,7 @@ def hf_config_dict(config: ModelConfig, *, dtype: torch.dtype = torch.float32, l
         "initializer_range": config.init_std,
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
-        "pad_token_id": None,  # Llama 2 has no pad token (spec section 2)
+        "pad_token_id": None,  # Llama 2 has no pad token (``llama/tokenizer.py``: pad_id -1)
         "dtype": str(dtype).removeprefix("torch."),
     }
     if scalar_head:

@@ -16,7 +16,8 @@ from llama2_lit.checkpoints.common import (
 from llama2_lit.config import ModelConfig
 
 
-# Dimension along which Meta's model-parallel layers split each tensor (spec section 1.4); None = replicated.
+# Dimension along which Meta's model-parallel layers split each tensor (the fairscale layers of Meta's
+# ``llama/model.py``); None = replicated.
 _META_SHARD_DIM = {
     "tok_embeddings.weight": 1,  # ParallelEmbedding splits the embedding dimension
     "attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0,  # ColumnParallelLinear
@@ -109,7 +110,7 @@ def _check_shard_shapes(name: str, pieces: list[Tensor], dim: int | None, files:
 
 
 def _check_rope_freqs(freqs: Tensor, config: ModelConfig, source: str) -> None:
-    """Meta stores the RoPE inverse frequencies; they must agree with ``rope_theta`` (spec 1.3)."""
+    """Meta stores the RoPE inverse frequencies; they must agree with ``rope_theta`` (``precompute_freqs_cis`` in ``llama/model.py``)."""
     expected = 1.0 / config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim)
     if tuple(freqs.shape) != tuple(expected.shape) or not torch.allclose(freqs.double(), expected, rtol=1e-2):
         raise CheckpointError(f"{source}: 'rope.freqs' does not match rope_theta={config.rope_theta} and "

@@ -61,8 +61,14 @@ def _usage() -> str:
 
 
 def error_line(verb: str, error: BaseException) -> str:
-    """The one line a known failure prints: ``llama2-lit <verb>: error: <message>``."""
-    message = str(error).strip() or type(error).__name__
+    """The one line a known failure prints: ``llama2-lit <verb>: error: <message>``.
+
+    A known error raised *because of* another known one (jsonargparse wraps the ``ValueError`` of a
+    class it could not build in its own multi-line one) is told by the one that started it.
+    """
+    while isinstance(error.__cause__, KNOWN_ERRORS):
+        error = error.__cause__
+    message = " ".join(str(error).split()) or type(error).__name__
     if isinstance(error, OSError) and error.filename is not None and str(error.filename) not in message:
         message = f"{error.filename}: {message}"
     return f"llama2-lit {verb}: error: {message}"

@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from llama2_lit.cli.common import new_parser
+from llama2_lit.cli.common import CommandError, new_parser
 
 
 def data_main(argv: list[str] | None = None) -> int:
@@ -14,6 +14,7 @@ def data_main(argv: list[str] | None = None) -> int:
 
     llama2-lit data validate FILE --kind KIND      every problem of a file, one line each (exit 1 if any)
     llama2-lit data convert SRC DST --kind KIND    adapt (HH-RLHF, Alpaca), validate, write JSONL atomically
+                                                   (exit 2 and nothing written if any record is bad)
     """
     from llama2_lit.data.records import KINDS, SOURCE_FORMATS
 
@@ -41,10 +42,13 @@ def data_main(argv: list[str] | None = None) -> int:
                                           source_format=args.source_format)
     except RecordError as error:
         records, problems = [], error.problems
-    for problem in problems:
+    for problem in problems:  # one line each: file, line, field
         print(problem, file=sys.stderr)
     if problems:
-        print(f"{args.source}: {len(problems)} problem(s); {len(records)} valid {args.kind} record(s)", file=sys.stderr)
+        summary = f"{args.source}: {len(problems)} problem(s); {len(records)} valid {args.kind} record(s)"
+        if args.command == "convert":  # a failure: nothing is written
+            raise CommandError(f"{summary}; nothing written to {args.destination}")
+        print(summary, file=sys.stderr)  # validate's answer, not a failure of the command
         return 1
     if args.command == "convert":
         write_jsonl(records, args.destination)

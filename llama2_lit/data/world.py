@@ -1,7 +1,7 @@
 """The toy world: a small generated universe in which every answer can be judged.
 
-Real Llama 2 data is not public and real models need GPUs. The toy world (DESIGN.md, "The toy
-world — why it exists") is a deterministic, generated universe — people, towns, realms, animals,
+Real Llama 2 data is not public and real models need GPUs. The toy world
+is a deterministic, generated universe — people, towns, realms, animals,
 museum pieces, herbs, famous figures, arithmetic and words — with an oracle (``oracle.judge``)
 that scores any response for helpfulness and safety. With it every stage of the recipe is
 measurable on a CPU: pretraining perplexity, SFT accuracy, reward-model accuracy by rating,

@@ -124,6 +124,7 @@ class StageCLI(LightningCLI):
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         self.plan: _RunPlan | None = None
+        self._run_info: tuple[Path, dict[str, Any]] | None = None  # run.json to write once everything is built
         super().__init__(
             model_class=StageModule, subclass_mode_model=True,
             datamodule_class=L.LightningDataModule, subclass_mode_data=True,
@@ -204,13 +205,12 @@ class StageCLI(LightningCLI):
             run_id = _new_run_id()
         if verb == "fit" and resume_step is None and is_zero:
             self._start_fresh(run_dir, checkpoint_dir, options)
+        self._run_info = None
         if verb == "fit" and is_zero and not (resume_step is not None and info_path.is_file()):
-            run_dir.mkdir(parents=True, exist_ok=True)
-            info = {"name": name, "stage": stage, "size": size, "wandb_id": run_id, "project": options.project,
-                    "group": size, "job_type": stage, "created": timestamp}
-            partial = info_path.with_name(info_path.name + ".partial")
-            partial.write_text(json.dumps(info, indent=2) + "\n")
-            partial.replace(info_path)
+            # Written once the model, data and trainer are built: a bad config value leaves no run behind.
+            self._run_info = (info_path, {"name": name, "stage": stage, "size": size, "wandb_id": run_id,
+                                          "project": options.project, "group": size, "job_type": stage,
+                                          "created": timestamp})
         if verb != "fit":
             self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"{verb}-config.yaml"}
         self.plan = _RunPlan(verb, stage, size, run_dir, name, run_id, options, ckpt_path, resume_step,
@@ -231,6 +231,12 @@ class StageCLI(LightningCLI):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     def after_instantiate_classes(self) -> None:
+        if self._run_info is not None:
+            info_path, info = self._run_info
+            info_path.parent.mkdir(parents=True, exist_ok=True)
+            partial = info_path.with_name(info_path.name + ".partial")
+            partial.write_text(json.dumps(info, indent=2) + "\n")
+            partial.replace(info_path)
         plan = self.plan
         if plan is not None and plan.ckpt_path and plan.checkpoint_config is not None:
             # The weights come from the checkpoint: build the model with its config, skip init_from.

@@ -205,7 +205,7 @@ class PretrainDataModule(_StageDataModule):
     file (the toy world's ``corpus_train.txt``/``corpus_val.txt``) a block of lines separated by
     blank lines; in a JSONL/JSON/Parquet file one ``{"text": ...}`` record.
 
-    Attention across documents (the paper does not say; spec section 3 [NS]): by default a window
+    Attention across documents (the paper does not say): by default a window
     is one sequence under plain causal attention, so a token may attend to the end of the
     previous document, across the EOS/BOS separator — the common practice (GPT-2/3, Llama 1/2
     reproductions; the Llama 3 report found masking made little difference in standard
