@@ -1,1 +1,2 @@
-"""Sampling from the policy for the RLHF data loop: on-policy preference annotation and best-of-K selection."""
+"""Data made by sampling from a model: on-policy preference annotation, best-of-K selection, rejection
+sampling, Ghost Attention dialogs and safety context distillation (paper sections 3.2, 3.3 and 4.2.4)."""
