@@ -20,6 +20,8 @@ must be exact *and* fast:
   step), drawn up front on the CPU, and sampling is by inverse CDF (the same distribution as
   Meta's ``torch.multinomial``). Given a seed, results do not depend on the global RNG state or on
   the device; with per-row seeds a row samples the same tokens whatever else is in the batch.
+  ``SampleSeeds`` hands out such seeds for RL (several samples per prompt, round after round)
+  from a state of two integers that a checkpoint stores, so a resumed run draws the same samples.
 * **Fast.** The prompt is encoded once (one prefill pass, the LM head applied to its last position
   only); each decode step is one single-token forward pass plus a handful of tensor ops for
   sampling; outputs are preallocated; the host waits on the device only to ask "has every row
@@ -28,7 +30,8 @@ must be exact *and* fast:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +80,8 @@ class GenerationOutput:
     """The top-p used for sampling (1.0 = pure sampling, what PPO needs)."""
     logprob_temperature: float
     """The temperature of the distribution ``logprobs`` are of: ``temperature``, or 1.0 when greedy."""
+    num_samples: int = 1
+    """Samples per prompt: rows ``i * num_samples ... (i + 1) * num_samples - 1`` answer prompt ``i``."""
 
     @property
     def batch_size(self) -> int:
@@ -189,16 +194,66 @@ def draw_uniforms(generator: Seed, batch_size: int, steps: int) -> Tensor:
     return torch.stack(rows)
 
 
+@dataclass
+class SampleSeeds:
+    """Per-sample seeds for sampling many prompts, several times each, round after round (RL).
+
+    The seed of sample ``j`` of the prompt named ``key`` in round ``round`` is a hash of
+    ``(seed, round, key, j)`` and of nothing else: not of the batch the prompt lands in, the batch
+    size, the device or rank that samples it, or what was sampled before. So the same prompt gets
+    the same samples however the work is split, and the whole state is two integers:
+    ``state_dict()`` goes into a checkpoint, ``load_state_dict()`` restores it, and a resumed run
+    draws exactly the samples the uninterrupted run would have. ``key`` is a stable name of the
+    prompt (its index in the prompt file, or its record id), never its position in a batch.
+
+        seeds = SampleSeeds(seed=0)
+        out = generate(model, batch, num_samples=4, generator=seeds(batch_keys, 4), ...)
+        seeds.next_round()  # the next iteration draws fresh samples of the same prompts
+    """
+
+    seed: int = 0
+    round: int = 0
+
+    def __call__(self, keys: Sequence[int | str], num_samples: int = 1) -> list[int]:
+        """One seed per (prompt, sample), prompt-major: the order of ``generate(num_samples=...)``'s rows."""
+        return [sample_seed(self.seed, self.round, key, sample) for key in keys for sample in range(num_samples)]
+
+    def next_round(self) -> None:
+        self.round += 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "round": self.round}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.seed, self.round = int(state["seed"]), int(state["round"])
+
+
+def sample_seed(seed: int, round: int, key: int | str, sample: int) -> int:
+    """A 63-bit seed that depends only on its arguments (BLAKE2b of their ``repr``, platform-independent)."""
+    digest = hashlib.blake2b(repr((int(seed), int(round), key, int(sample))).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 # ---------------------------------------------------------------------------------------- generate
-def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+Prompts = Sequence[Sequence[int]] | Tensor | Mapping[str, Tensor]
+
+
+def generate(model: Transformer, prompts: Prompts, *, max_new_tokens: int,
              temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P, eos_id: int | None,
              generator: Seed = None, stop_check_interval: int | None = None,
-             drop_finished: bool = True) -> GenerationOutput:
+             drop_finished: bool = True, attention_mask: Tensor | None = None,
+             num_samples: int = 1) -> GenerationOutput:
     """Sample continuations of a batch of prompts with the KV cache.
 
     Args:
         model: a ``Transformer`` with an LM head (its mode is left alone; the core has no dropout).
-        prompts: token ids per row (any lengths >= 1; BOS included by the caller).
+        prompts: the prompts (BOS included by the caller), any lengths >= 1, as one of
+            * token ids per prompt (lists);
+            * a padded (batch, seq) tensor of ids with ``attention_mask`` (1 on real tokens, one
+              contiguous run per row; left or right padding); no mask means every token is real;
+            * a batch mapping with ``input_ids`` and ``attention_mask``, as
+              ``llama2_lit.data.datamodules.PromptsDataModule`` yields it.
+            A row generates exactly what its prompt would alone (same seed), whatever the padding.
         max_new_tokens: the most tokens generated per row; prompt + response must fit the context.
         temperature: 0 for greedy decoding; otherwise logits are divided by it.
         top_p: Meta's nucleus rule (1.0 = pure sampling; use 1.0 for PPO rollouts).
@@ -211,6 +266,11 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
             of the cache each time a quarter of the remaining rows have finished), so ragged
             batches stop paying for rows that are done. False keeps computing them. The result is
             identical either way.
+        attention_mask: the padding mask of a tensor of ``prompts``.
+        num_samples: samples per prompt. The output has ``len(prompts) * num_samples`` rows, prompt
+            by prompt (rows ``i * num_samples`` to ``(i + 1) * num_samples - 1`` answer prompt
+            ``i``); per-row seeds (``generator``) are then one per sample, in that order
+            (``SampleSeeds`` makes them).
 
     Returns:
         A ``GenerationOutput``; its tensors live on the model's device and are ordinary tensors
@@ -221,8 +281,16 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     _check_top_p(top_p)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    prompts = prompt_lists(prompts, attention_mask)
     if not prompts:
         raise ValueError("generate needs at least one prompt")
+    if num_samples > 1:
+        if isinstance(generator, Sequence) and len(generator) != len(prompts) * num_samples:
+            raise ValueError(f"got {len(generator)} per-row seeds for {len(prompts)} prompts x {num_samples} samples; "
+                             "pass one seed per sample (SampleSeeds makes them)")
+        prompts = [prompt for prompt in prompts for _ in range(num_samples)]
     vocab_size, context = model.config.vocab_size, model.config.max_seq_len
     for row, prompt in enumerate(prompts):
         if len(prompt) == 0:
@@ -246,7 +314,35 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
         out = _generate(model, prompts, max_new_tokens, temperature, top_p, eos_id, uniforms,
                         stop_check_interval, drop_finished, device, parameter.dtype)
     # Inference tensors cannot enter autograd later (PPO feeds these ids to a training forward).
-    return GenerationOutput(**{k: v.clone() if isinstance(v, Tensor) else v for k, v in out.items()})
+    return GenerationOutput(**{k: v.clone() if isinstance(v, Tensor) else v for k, v in out.items()},
+                            num_samples=num_samples)
+
+
+def prompt_lists(prompts: Prompts, attention_mask: Tensor | None = None) -> list[list[int]]:
+    """The prompts of ``generate`` as token-id lists, padding removed (see its ``prompts``)."""
+    if isinstance(prompts, Mapping):
+        if attention_mask is not None:
+            raise ValueError("pass the padding mask inside the batch or as attention_mask, not both")
+        if "input_ids" not in prompts:
+            raise ValueError(f"a batch of prompts needs 'input_ids' (and 'attention_mask'); got {sorted(prompts)}")
+        prompts, attention_mask = prompts["input_ids"], prompts.get("attention_mask")
+    if not isinstance(prompts, Tensor):
+        if attention_mask is not None:
+            raise ValueError("attention_mask goes with a padded tensor of prompts, not with lists of ids")
+        return [list(prompt) for prompt in prompts]
+    if prompts.dim() != 2:
+        raise ValueError(f"a tensor of prompts must be (batch, seq), got shape {tuple(prompts.shape)}")
+    ids = prompts.cpu()
+    real = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.cpu().bool()
+    if real.shape != ids.shape:
+        raise ValueError(f"attention_mask {tuple(real.shape)} and prompts {tuple(ids.shape)} differ in shape")
+    rows = []
+    for row, (row_ids, row_real) in enumerate(zip(ids, real)):
+        where = row_real.nonzero().squeeze(1)
+        if len(where) and int(where[-1] - where[0]) + 1 != len(where):
+            raise ValueError(f"row {row} of attention_mask has padding between real tokens")
+        rows.append(row_ids[where].tolist())
+    return rows
 
 
 def _generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,

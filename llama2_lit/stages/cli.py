@@ -51,6 +51,7 @@ from llama2_lit.runs import METRICS_FILE, RUN_INFO_FILE
 from llama2_lit.stages.base import NonFiniteLossError, StageModule
 from llama2_lit.stages.callbacks import StageCheckpoint
 from llama2_lit.stages.loggers import RunCSVLogger
+from llama2_lit.stages.precision import resolve_precision
 from llama2_lit.stages.toy_world import ensure_toy_assets, missing_toy_paths
 
 
@@ -167,6 +168,12 @@ class StageCLI(LightningCLI):
             config.trainer.default_root_dir = str(run_dir)
         checkpoint_dir = Path(config.checkpoint.dirpath)
         is_zero = rank_zero_only.rank == 0
+        # bf16-mixed on a CPU without bf16 units trains in fp32 instead (stages/precision.py).
+        precision, note = resolve_precision(config.trainer.precision, config.trainer.accelerator)
+        if note is not None:
+            config.trainer.precision = precision
+            if is_zero:
+                print(note)
         if is_zero and missing_toy_paths([config.data.as_dict(), config.model.as_dict()]):
             ensure_toy_assets()  # the toy world and its tokenizer, on first use (toy_world.py)
         init_from = init_args.get("init_from")
