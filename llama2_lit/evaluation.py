@@ -163,20 +163,20 @@ def evaluation_suites(world: str | Path, n: int, seed: int = 0) -> dict[str, lis
 
 def corpus_perplexity(model: Transformer, tokenizer: Tokenizer, path: str | Path, *, max_tokens: int = 32_768,
                       seq_len: int | None = None, batch_size: int = 8) -> float:
-    """Perplexity of ``model`` on the first ``max_tokens`` tokens of a text file (one document per
-    line, each BOS-prefixed and EOS-terminated, concatenated and cut into ``seq_len`` windows as
-    pretraining does)."""
+    """Perplexity of ``model`` on the first ``max_tokens`` tokens of a pretraining text file (its
+    documents BOS-prefixed and EOS-terminated, concatenated and cut into ``seq_len`` windows, as
+    pretraining reads them)."""
     import torch
     import torch.nn.functional as F
 
+    from llama2_lit.data.datamodules.pretrain import read_text_documents
+
     seq_len = seq_len or model.config.max_seq_len
     stream: list[int] = []
-    with Path(path).open(encoding="utf-8") as file:
-        for line in file:
-            if line.strip():
-                stream += [tokenizer.bos_id, *tokenizer.encode(line.strip()), tokenizer.eos_id]
-            if len(stream) >= max_tokens + 1:
-                break
+    for document in read_text_documents(path):
+        stream += tokenizer.encode(document, bos=True, eos=True)
+        if len(stream) > max_tokens:
+            break
     stream = stream[: max_tokens + 1]
     windows = [stream[i:i + seq_len + 1] for i in range(0, len(stream) - 1, seq_len)]
     windows = [w for w in windows if len(w) > 1]
@@ -270,10 +270,12 @@ def evaluate_checkpoints(checkpoints: dict[str, str | Path], *, world: str | Pat
                          prompts_per_suite: int = 100, decoding: Decoding = Decoding(),
                          reward_models: dict[str, str | Path] | None = None,
                          preference_files: dict[str, str | Path] | None = None,
-                         perplexity_tokens: int = 32_768, log: Any = print) -> dict[str, Any]:
+                         perplexity_tokens: int = 32_768, baseline: str | None = None,
+                         log: Any = print) -> dict[str, Any]:
     """The whole suite (module docstring), as a JSON-ready dict.
 
-    ``checkpoints``: name -> policy checkpoint (the first is the baseline of the win rates).
+    ``checkpoints``: name -> policy checkpoint; every other one's win rate is taken against
+    ``baseline`` (default: the first).
     ``reward_models``: ``helpfulness`` and/or ``safety`` -> reward-model checkpoint; they judge the
     win rates and are scored on ``preference_files`` (name -> ``preference`` file).
     """
@@ -305,9 +307,10 @@ def evaluate_checkpoints(checkpoints: dict[str, str | Path], *, world: str | Pat
         del model
 
     rms = {kind: load_reward_model(path) for kind, path in (reward_models or {}).items()}
-    names = list(checkpoints)
-    for name in names[1:]:
-        baseline = names[0]
+    baseline = baseline or next(iter(checkpoints))
+    if baseline not in checkpoints:
+        raise ValueError(f"the win-rate baseline {baseline!r} is not one of the checkpoints {list(checkpoints)}")
+    for name in [n for n in checkpoints if n != baseline]:
         a = [x for suite in suites for x in answers[name][suite]]
         b = [x for suite in suites for x in answers[baseline][suite]]
         entry = {"baseline": baseline, "oracle": win_rate(oracle_outcomes(a, b))}

@@ -203,13 +203,20 @@ def plan(stages: Sequence[Stage], out: Path, force: Iterable[str] = (), root: Pa
 
 
 # ------------------------------------------------------------------------------------- running
-def fit_command(stage: Stage, out: Path, by_name: Mapping[str, Stage], *, group: str, resume: bool) -> list[str]:
-    """The ``llama2-lit fit`` command line of a training stage."""
+def fit_command(stage: Stage, out: Path, by_name: Mapping[str, Stage], *, group: str, resume: bool,
+                progress_bar: bool = True) -> list[str]:
+    """The ``llama2-lit fit`` command line of a training stage; Lightning's progress bar, or with
+    ``progress_bar=False`` one line every few steps."""
     command = [sys.executable, "-m", "llama2_lit", "fit", "--config", stage.config, "--run.dir", str(out / stage.name),
                "--run.group", group]
     for option, value in stage.overrides:
         value = resolve(value, out, by_name)
         command += [option, json.dumps(value) if isinstance(value, (list, tuple)) else str(value)]
+    if not progress_bar:
+        # Not a terminal: a line every few steps instead of a redrawn bar (stages.callbacks.ProgressLine).
+        command += ["--trainer.enable_progress_bar", "false",
+                    "--trainer.callbacks+=llama2_lit.stages.callbacks.ProgressLine",
+                    "--trainer.callbacks.prefix", stage.name]
     command += ["--ckpt_path", "last"] if resume else ["--run.overwrite", "true"]
     return command
 
@@ -232,9 +239,13 @@ def run_stage(stage: Stage, out: Path, by_name: Mapping[str, Stage], identities:
     _write_json(stage_dir / STARTED_FILE, {"key": key})
     start = time.time()
     if stage.is_training:
-        command = fit_command(stage, out, by_name, group=group, resume=resume)
+        command = fit_command(stage, out, by_name, group=group, resume=resume, progress_bar=sys.stdout.isatty())
         print(f"  $ {' '.join(command[1:])}", flush=True)
-        subprocess.run(command, check=True)
+        status = subprocess.run(command).returncode
+        if status != 0:
+            raise PipelineError(f"stage {stage.name!r}: `llama2-lit fit` exited with status {status} (its error is "
+                                f"above); fix it and run the pipeline again: finished stages are kept"
+                                + (" (this one resumes from its last checkpoint, if it wrote one)" if stage.is_training else ""))
         summary: dict[str, Any] = {"command": command[1:]}
     else:
         summary = stage.function(stage_dir, **resolve(dict(stage.params), out, by_name)) or {}
@@ -337,6 +348,7 @@ class Budget:
     distill_prompts: int = 64
     eval_prompts: int = 100
     max_new_tokens: int = 64
+    static_pairs: int | None = None  # held-out static pairs per file for the RM tables (None: all)
 
 
 def _steps(steps: int, every: int) -> tuple[tuple[str, Any], ...]:
@@ -352,7 +364,7 @@ BUDGETS: dict[str, Budget] = {
                    gatt=_steps(10, 10) + (("--trainer.limit_val_batches", 2),),
                    context_distillation=_steps(10, 10) + (("--trainer.limit_val_batches", 2),),
                    annotate_prompts=32, gatt_dialogs=16, gatt_require_adherence=False, distill_prompts=32,
-                   eval_prompts=8, max_new_tokens=24),
+                   eval_prompts=8, max_new_tokens=24, static_pairs=200),
     # The demo: 20 minutes on 2 cores for everything (estimates in the README's demo section).
     "micro": Budget(pretrain=_steps(400, 200), sft=(("--trainer.max_epochs", 1), ("--trainer.max_steps", 300),
                                                     ("--trainer.val_check_interval", 150)),
@@ -447,7 +459,7 @@ def recipe(size: str = "micro", versions: int = 2, budget: Budget | None = None)
         "models": {label: f"${{{name}}}" for label, name in models.items()},
         "reward_models": {name: f"${{{name}}}" for name in rm_stages},
         "fresh_pairs": {a.split("/")[0]: f"${{{a}.eval}}" for a in annotated},
-        "eval_prompts": b.eval_prompts, "max_new_tokens": b.max_new_tokens},
+        "eval_prompts": b.eval_prompts, "max_new_tokens": b.max_new_tokens, "static_pairs": b.static_pairs},
         outputs={"results": "results.json", "table": "results.md"}, tags=("report",),
         about="the evaluation suite on every stage's model"))
     stages.append(Stage("report", tuple(s.name for s in stages), function=report_stage, params={
@@ -533,9 +545,10 @@ def context_distillation_stage(stage_dir: Path, *, policy: str, safety_rm: str, 
 
 
 def evaluate_stage(stage_dir: Path, *, models: dict[str, str], reward_models: dict[str, str],
-                   fresh_pairs: dict[str, str], eval_prompts: int, max_new_tokens: int) -> dict[str, Any]:
+                   fresh_pairs: dict[str, str], eval_prompts: int, max_new_tokens: int,
+                   static_pairs: int | None = None) -> dict[str, Any]:
     """The evaluation suite on every stage's model; every version's RMs on the static held-out pairs
-    (Table 8) and on every version's fresh pairs."""
+    (Table 8; the first ``static_pairs`` of each file) and on every version's fresh pairs."""
     from llama2_lit.data.records import load_records
     from llama2_lit.evaluation import Decoding, evaluate_checkpoints, reward_model_accuracy, results_markdown
     from llama2_lit.reward_metrics import load_reward_model
@@ -544,15 +557,13 @@ def evaluate_stage(stage_dir: Path, *, models: dict[str, str], reward_models: di
     last = {kind: max((n for n in reward_models if n.endswith(f"rm_{kind}")), key=_version) for kind in
             ("helpfulness", "safety")}
     results = evaluate_checkpoints(
-        {"sft": models["sft"], **{k: v for k, v in models.items() if k != "sft"}}, world=WORLD,
+        models, baseline="sft", world=WORLD,
         tokenizer_path=TOKENIZER, prompts_per_suite=eval_prompts, decoding=Decoding(max_new_tokens=max_new_tokens),
-        reward_models={kind: reward_models[name] for kind, name in last.items()},
-        preference_files={"static helpfulness": f"{WORLD}/preference_helpful_eval.jsonl",
-                          "static safety": f"{WORLD}/preference_safety_eval.jsonl"})
+        reward_models={kind: reward_models[name] for kind, name in last.items()})  # they judge the win rates
     tokenizer = Tokenizer(TOKENIZER)
     fresh = {version: load_records(path, "preference") for version, path in fresh_pairs.items()}
-    static = {"helpfulness": load_records(f"{WORLD}/preference_helpful_eval.jsonl", "preference"),
-              "safety": load_records(f"{WORLD}/preference_safety_eval.jsonl", "preference")}
+    static = {"helpfulness": load_records(f"{WORLD}/preference_helpful_eval.jsonl", "preference")[:static_pairs],
+              "safety": load_records(f"{WORLD}/preference_safety_eval.jsonl", "preference")[:static_pairs]}
     versions: dict[str, Any] = {}
     for name, checkpoint in reward_models.items():
         model = load_reward_model(checkpoint)

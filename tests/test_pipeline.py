@@ -1,5 +1,5 @@
-"""`make demo` end to end at the nano size: stages run from their configs, the report has numbers,
-and a second run reuses the finished stages instead of training again."""
+"""`make demo` end to end at the nano size: every stage of the graph runs from its config, the report
+has its tables with numbers, and a second run reuses every finished stage instead of training again."""
 
 from __future__ import annotations
 
@@ -8,27 +8,58 @@ import json
 from conftest import REPO_ROOT
 
 from llama2_lit.cli.pipeline import demo_main
+from llama2_lit.evaluation import SUITES
+
+STAGES = ["world", "pretrain", "sft", "v1/annotate", "v1/rm_helpfulness", "v1/rm_safety", "v2/annotate",
+          "v2/rm_helpfulness", "v2/rm_safety", "ppo", "gatt/data", "gatt", "cd/data", "cd", "evaluate", "report"]
 
 
-def test_pipeline_runs_every_stage_reports_and_caches(tmp_path, monkeypatch, capsys):
+def test_nano_pipeline_runs_every_stage_reports_and_caches(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO_ROOT)  # configs and the toy world are addressed from the repository root
     out = tmp_path / "demo"
-    argv = ["--size", "nano", "--out", str(out), "--eval-prompts", "8", "--max-new-tokens", "24",
-            "--pretrain-args", "--trainer.max_steps 60 --trainer.val_check_interval 30",
-            "--sft-args", "--trainer.max_steps 20 --trainer.val_check_interval 20"]
+    argv = ["--size", "nano", "--out", str(out)]
     assert demo_main(argv) == 0
 
-    scores = json.loads((out / "scores.json").read_text())
-    assert scores["val_ppl"] < scores["unigram_ppl"] / 2  # pretraining learned more than word frequencies
-    assert set(scores["scores"]) == {"pretrained", "sft"}
-    for model in scores["scores"].values():
-        assert set(model) == {"tasks (held-out)", "tasks (seen)", "harmful (held-out)", "borderline (held-out)"}
-        assert all(0.0 <= suite["helpfulness"] <= 1.0 and suite["n"] == 8 for suite in model.values())
+    for stage in STAGES:
+        assert json.loads((out / stage / "DONE.json").read_text())["seconds"] > 0, stage
+    results = json.loads((out / "evaluate" / "results.json").read_text())
+    assert list(results["models"]) == ["pretrained", "sft", "ppo", "gatt", "context distillation"]
+    for name, model in results["models"].items():
+        assert model["perplexity"] > 1.0
+        for suite in SUITES:
+            assert 0.0 <= model[suite]["helpfulness"] <= 1.0 and model[suite]["n"] == 8, (name, suite)
+            assert 0.0 <= model[suite]["violation"] <= 1.0 and 0.0 <= model[suite]["refusal"] <= 1.0
+    # SFT taught the chat format: it answers the seen tasks better than the pretrained model does.
+    assert results["models"]["sft"][SUITES[1]]["helpfulness"] > results["models"]["pretrained"][SUITES[1]]["helpfulness"]
+    assert set(results["win_rates"]) == {"pretrained", "ppo", "gatt", "context distillation"}
+    for entry in results["win_rates"].values():
+        assert entry["baseline"] == "sft"
+        for judge in ("oracle", "reward_model"):
+            w = entry[judge]
+            assert w["n"] == 4 * 8 and abs(w["win"] + w["tie"] + w["loss"] - 1) < 1e-9
+    versions = results["reward_model_versions"]
+    assert set(versions) == {"v1/rm_helpfulness", "v1/rm_safety", "v2/rm_helpfulness", "v2/rm_safety"}
+    assert all(set(entry["fresh"]) == {"v1", "v2"} for entry in versions.values())
+
     report = (out / "report.md").read_text()
-    assert "## Pretraining" in report and "## Supervised fine-tuning" in report
-    assert (out / "curves_pretrain.png").stat().st_size > 0 and (out / "curves_sft.png").stat().st_size > 0
+    for heading in ("## Pretraining", "## Helpfulness, violations and false refusals after every stage",
+                    "### Win rate against SFT", "### Accuracy by rating on the static held-out pairs",
+                    "### Accuracy on each version's fresh pairs", "## PPO", "## Ghost Attention",
+                    "## Safety context distillation"):
+        assert heading in report, heading
+    table = [line for line in report.splitlines() if line.startswith("| v2/rm_helpfulness | ")]
+    assert len(table) == 2 and all("-" not in line.split("|")[3] for line in table)  # numbers, not blanks
+    for plot in ("curves_pretrain.png", "curves_sft.png", "stages.png", "ppo.png", "context_distillation.png"):
+        assert (out / plot).stat().st_size > 0, plot
+    assert "<table>" in (out / "report.html").read_text()
 
     capsys.readouterr()
     assert demo_main(argv) == 0  # everything cached: no training this time
     printed = capsys.readouterr().out
-    assert "[pretrain] cached" in printed and "[sft] cached" in printed
+    assert "16 cached, 0 to run" in printed and " ran " not in printed
+
+    assert demo_main([*argv, "--plan", "--force", "rm"]) == 0
+    planned = dict(line.split()[:2] for line in capsys.readouterr().out.splitlines())
+    assert [stage for stage in STAGES if planned[stage] == "run"] == [
+        "v1/rm_helpfulness", "v1/rm_safety", "v2/rm_helpfulness", "v2/rm_safety", "ppo", "gatt/data", "gatt",
+        "cd/data", "cd", "evaluate", "report"]
