@@ -14,8 +14,8 @@ inputs may be named. ``recipe(size, versions)`` builds the paper's order at toy 
     v<k>/rm_helpfulness   both reward models retrained from the SFT checkpoint on the static pairs and
     v<k>/rm_safety          every annotated batch so far (3.2.2)
     ppo                   the last version: PPO from the latest policy with the latest reward models (3.2.3)
-    gatt/data, gatt       Ghost Attention data sampled from the PPO model, then SFT on it (3.3)
-    cd/data, cd           safety context distillation data, kept by the safety RM, then SFT (4.2.4)
+    gatt/data, gatt/sft   Ghost Attention data sampled from the PPO model, then SFT on it (3.3)
+    cd/data, cd/sft       safety context distillation data, kept by the safety RM, then SFT (4.2.4)
     evaluate              the evaluation suite on every stage's model (llama2_lit.evaluation)
     report                OUT/report.md, its plots and OUT/report.html
 
@@ -91,6 +91,9 @@ def check_graph(stages: Sequence[Stage]) -> None:
     for stage in stages:
         if stage.name in seen:
             raise PipelineError(f"stage {stage.name!r} is declared twice")
+        for other in seen:
+            if stage.name.startswith(f"{other}/") or other.startswith(f"{stage.name}/"):
+                raise PipelineError(f"stages {other!r} and {stage.name!r}: one's directory would hold the other's")
         if (stage.config is None) == (stage.function is None):
             raise PipelineError(f"stage {stage.name!r}: give exactly one of config= and function=")
         for name in stage.inputs:
@@ -365,10 +368,14 @@ BUDGETS: dict[str, Budget] = {
                    context_distillation=_steps(10, 10) + (("--trainer.limit_val_batches", 2),),
                    annotate_prompts=32, gatt_dialogs=16, gatt_require_adherence=False, distill_prompts=32,
                    eval_prompts=8, max_new_tokens=24, static_pairs=200),
-    # The demo: 20 minutes on 2 cores for everything (estimates in the README's demo section).
-    "micro": Budget(pretrain=_steps(400, 200), sft=(("--trainer.max_epochs", 1), ("--trainer.max_steps", 300),
-                                                    ("--trainer.val_check_interval", 150)),
-                    reward=_steps(120, 60) + (("--trainer.limit_val_batches", 10),),
+    # The demo: 20 minutes on 2 cores for everything. Not measured end to end yet; the estimates
+    # (quiet cores) are pretrain ~3.5 min, SFT ~2.5, the four reward models ~1 each, PPO ~1.5,
+    # annotation, GAtt/CD data and fine-tuning ~3 together, the evaluation ~1.5.
+    "micro": Budget(pretrain=_steps(300, 150), sft=(("--trainer.max_epochs", 1), ("--trainer.max_steps", 200),
+                                                    ("--trainer.val_check_interval", 100)),
+                    # One validation at the end, over every held-out pair (the static ones and this
+                    # version's fresh ones come one after the other: a batch limit would cut the fresh ones).
+                    reward=_steps(60, 60) + (("--trainer.limit_val_batches", 1.0),),
                     ppo=(("--trainer.max_steps", 40), ("--trainer.val_check_interval", 5),  # 10 iterations
                          ("--checkpoint.every_n_train_steps", 20), ("--trainer.limit_val_batches", 1)),
                     gatt=_steps(60, 60) + (("--trainer.limit_val_batches", 5),),
@@ -441,19 +448,19 @@ def recipe(size: str = "micro", versions: int = 2, budget: Budget | None = None)
               params={"policy": "${ppo}", "dialogs": f"{WORLD}/gatt_train.jsonl", "num_dialogs": b.gatt_dialogs,
                       "require_adherence": b.gatt_require_adherence, "max_new_tokens": b.max_new_tokens},
               outputs={"train": "train.jsonl"}, tags=("gatt",), about="Ghost Attention data from PPO (3.3)"),
-        Stage("gatt", ("ppo", "gatt/data"), config=config_path(size, "gatt"), overrides=(
+        Stage("gatt/sft", ("ppo", "gatt/data"), config=config_path(size, "gatt"), overrides=(
             ("--model.init_args.init_from", "${ppo}"), ("--data.init_args.train_files", ["${gatt/data.train}"]),
             *b.gatt), tags=("gatt",), about="Ghost Attention fine-tuning (3.3)"),
-        Stage("cd/data", ("gatt", rms["safety"]), function=context_distillation_stage,
-              params={"policy": "${gatt}", "safety_rm": f"${{{rms['safety']}}}",
+        Stage("cd/data", ("gatt/sft", rms["safety"]), function=context_distillation_stage,
+              params={"policy": "${gatt/sft}", "safety_rm": f"${{{rms['safety']}}}",
                       "prompts": f"{WORLD}/rl_prompts_train.jsonl", "num_prompts": b.distill_prompts,
                       "max_new_tokens": b.max_new_tokens},
               outputs={"train": "train.jsonl"}, tags=("cd",), about="context distillation data (4.2.4)"),
-        Stage("cd", ("gatt", "cd/data"), config=config_path(size, "context_distillation"), overrides=(
-            ("--model.init_args.init_from", "${gatt}"), ("--data.init_args.train_files", ["${cd/data.train}"]),
+        Stage("cd/sft", ("gatt/sft", "cd/data"), config=config_path(size, "context_distillation"), overrides=(
+            ("--model.init_args.init_from", "${gatt/sft}"), ("--data.init_args.train_files", ["${cd/data.train}"]),
             *b.context_distillation), tags=("cd",), about="safety context distillation (4.2.4)"),
     ]
-    models = {"pretrained": "pretrain", "sft": "sft", "ppo": "ppo", "gatt": "gatt", "context distillation": "cd"}
+    models = {"pretrained": "pretrain", "sft": "sft", "ppo": "ppo", "gatt": "gatt/sft", "context distillation": "cd/sft"}
     rm_stages = [s.name for s in stages if "rm" in s.tags]
     stages.append(Stage("evaluate", (*models.values(), *annotated, *rm_stages), function=evaluate_stage, params={
         "models": {label: f"${{{name}}}" for label, name in models.items()},
@@ -504,7 +511,7 @@ def annotate_stage(stage_dir: Path, *, policy: str, prompts: str, eval_prompts: 
                                           Sampler(model, temperatures[1]), max_new_tokens=max_new_tokens,
                                           seed=version)
         if not pairs:
-            raise RuntimeError(f"{split} annotation of version {version} produced no pairs: {asdict(stats)}")
+            raise PipelineError(f"{split} annotation of version {version} produced no pairs: {asdict(stats)}")
         write_records(pairs, stage_dir / f"{split}.jsonl", "preference")
         summary[split] = asdict(stats)
     return summary
@@ -519,8 +526,12 @@ def gatt_data_stage(stage_dir: Path, *, policy: str, dialogs: str, num_dialogs: 
     model, tokenizer = _policy(policy)
     records, summary = synthesize_gatt_data(model, tokenizer, load_records(dialogs, "chat")[:num_dialogs],
                                             max_new_tokens=max_new_tokens, require_adherence=require_adherence)
+    # A dialog with an empty sampled answer is no chat record (an empty reply follows no instruction).
+    kept = [r for r in records if all(m["content"].strip() for m in r["messages"] if m["role"] == "assistant")]
+    summary["dropped_empty_answer"] = len(records) - len(kept)
+    records = kept
     if not records:
-        raise RuntimeError(f"no Ghost Attention dialog met its constraints ({summary}); sample more dialogs or "
+        raise PipelineError(f"no Ghost Attention dialog met its constraints ({summary}); sample more dialogs or "
                            "turn the adherence filter off (Budget.gatt_require_adherence)")
     write_records(records, stage_dir / "train.jsonl", "chat")
     return summary
@@ -539,7 +550,7 @@ def context_distillation_stage(stage_dir: Path, *, policy: str, safety_rm: str, 
     records, summary = distill_safety_context(model, load_reward_model(safety_rm), tokenizer, adversarial,
                                               max_new_tokens=max_new_tokens)
     if not records:
-        raise RuntimeError(f"the safety RM kept no distilled answer of {len(adversarial)} prompts")
+        raise PipelineError(f"the safety RM kept no distilled answer of {len(adversarial)} prompts")
     write_records(records, stage_dir / "train.jsonl", "chat")
     return summary
 

@@ -51,3 +51,10 @@ def test_results_markdown_has_one_row_per_model_and_judge():
     assert "| ppo | 3.00 | 0.500 ± 0.500 | 0.500 | 0.500 | 0.000 | 0.500 |" in table
     assert "| ppo | sft | oracle | 0.500 | 0.500 | 0.000 |" in table
     assert "| ppo | sft | reward model | 1.000 | 0.000 | 0.000 |" in table
+
+
+def test_evaluate_verb_names_a_missing_checkpoint_in_one_line(capsys, tmp_path):
+    from llama2_lit.cli import run_verb
+
+    assert run_verb("evaluate", [str(tmp_path / "nope.ckpt")]) == 2
+    assert capsys.readouterr().err.strip() == f"llama2-lit evaluate: error: checkpoint {tmp_path / 'nope.ckpt'} does not exist"

@@ -11,7 +11,7 @@ from llama2_lit.cli.pipeline import demo_main
 from llama2_lit.evaluation import SUITES
 
 STAGES = ["world", "pretrain", "sft", "v1/annotate", "v1/rm_helpfulness", "v1/rm_safety", "v2/annotate",
-          "v2/rm_helpfulness", "v2/rm_safety", "ppo", "gatt/data", "gatt", "cd/data", "cd", "evaluate", "report"]
+          "v2/rm_helpfulness", "v2/rm_safety", "ppo", "gatt/data", "gatt/sft", "cd/data", "cd/sft", "evaluate", "report"]
 
 
 def test_nano_pipeline_runs_every_stage_reports_and_caches(tmp_path, monkeypatch, capsys):
@@ -61,5 +61,5 @@ def test_nano_pipeline_runs_every_stage_reports_and_caches(tmp_path, monkeypatch
     assert demo_main([*argv, "--plan", "--force", "rm"]) == 0
     planned = dict(line.split()[:2] for line in capsys.readouterr().out.splitlines())
     assert [stage for stage in STAGES if planned[stage] == "run"] == [
-        "v1/rm_helpfulness", "v1/rm_safety", "v2/rm_helpfulness", "v2/rm_safety", "ppo", "gatt/data", "gatt",
-        "cd/data", "cd", "evaluate", "report"]
+        "v1/rm_helpfulness", "v1/rm_safety", "v2/rm_helpfulness", "v2/rm_safety", "ppo", "gatt/data", "gatt/sft",
+        "cd/data", "cd/sft", "evaluate", "report"]

@@ -44,7 +44,7 @@ def test_force_rm_reruns_exactly_the_stages_downstream_of_the_reward_models():
     assert select(stages, ["rm"]) == {"v1/rm_helpfulness", "v1/rm_safety", "v2/rm_helpfulness", "v2/rm_safety"}
     assert downstream(stages, select(stages, ["rm"])) == {
         "v1/rm_helpfulness", "v1/rm_safety", "v2/rm_helpfulness", "v2/rm_safety",
-        "ppo", "gatt/data", "gatt", "cd/data", "cd", "evaluate", "report"}
+        "ppo", "gatt/data", "gatt/sft", "cd/data", "cd/sft", "evaluate", "report"}
     # Versions: v2's reward models also read v1's pairs; v1's do not read v2's.
     assert "v2/rm_safety" in downstream(stages, {"v1/annotate"})
     assert "v1/rm_safety" not in downstream(stages, {"v2/annotate"})
@@ -63,6 +63,8 @@ def test_a_placeholder_must_name_a_declared_input_declared_earlier():
         check_graph([Stage("b", ("a",), function=write_text), good[0]])
     with pytest.raises(PipelineError, match="declared twice"):
         check_graph([good[0], good[0]])
+    with pytest.raises(PipelineError, match="directory would hold"):
+        check_graph([good[0], Stage("a/data", function=write_text)])
 
 
 def test_cached_stages_are_skipped_forced_ones_rerun_with_everything_downstream(tmp_path, capsys):
