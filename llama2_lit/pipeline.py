@@ -48,6 +48,8 @@ from typing import Any
 
 import yaml
 
+from llama2_lit.runs import load_run
+
 DONE_FILE = "DONE.json"
 STARTED_FILE = "STARTED.json"
 CHECKPOINT = "checkpoints/last.ckpt"
@@ -225,8 +227,11 @@ def fit_command(stage: Stage, out: Path, by_name: Mapping[str, Stage], *, group:
 
 
 def run_stage(stage: Stage, out: Path, by_name: Mapping[str, Stage], identities: Mapping[str, str], *,
-              group: str, forced: bool, root: Path = Path(".")) -> dict[str, Any]:
-    """Run one stage whose inputs are done (or return its cached result); returns its DONE record."""
+              group: str, forced: bool, root: Path = Path("."), in_process: bool = False) -> dict[str, Any]:
+    """Run one stage whose inputs are done (or return its cached result); returns its DONE record.
+
+    A training stage runs its ``llama2-lit fit`` command in a subprocess (a clean process per stage,
+    as a user would run it), or with ``in_process`` in this one."""
     stage_dir = out / stage.name
     key = stage_key(stage, identities, root)
     done = read_marker(out, stage)
@@ -244,7 +249,12 @@ def run_stage(stage: Stage, out: Path, by_name: Mapping[str, Stage], identities:
     if stage.is_training:
         command = fit_command(stage, out, by_name, group=group, resume=resume, progress_bar=sys.stdout.isatty())
         print(f"  $ {' '.join(command[1:])}", flush=True)
-        status = subprocess.run(command).returncode
+        if in_process:  # the same command line, without a new interpreter and imports (tests)
+            from llama2_lit.stages.cli import lightning_main
+
+            status = lightning_main(command[3:])
+        else:
+            status = subprocess.run(command).returncode
         if status != 0:
             raise PipelineError(f"stage {stage.name!r}: `llama2-lit fit` exited with status {status} (its error is "
                                 f"above); fix it and run the pipeline again: finished stages are kept"
@@ -263,7 +273,7 @@ def run_stage(stage: Stage, out: Path, by_name: Mapping[str, Stage], identities:
 
 
 def run_graph(stages: Sequence[Stage], out: str | Path, *, force: Iterable[str] = (), group: str | None = None,
-              root: Path = Path(".")) -> dict[str, dict[str, Any]]:
+              root: Path = Path("."), in_process: bool = False) -> dict[str, dict[str, Any]]:
     """Every stage in order, skipping the cached ones, with a live stage display; returns each DONE record."""
     check_graph(stages)
     out = Path(out)
@@ -278,7 +288,7 @@ def run_graph(stages: Sequence[Stage], out: str | Path, *, force: Iterable[str] 
     for stage in stages:
         display.start(stage.name)
         records[stage.name] = run_stage(stage, out, by_name, identities, group=group, forced=stage.name in forced,
-                                        root=root)
+                                        root=root, in_process=in_process)
         identities[stage.name] = records[stage.name]["identity"]
         display.finish(stage.name, records[stage.name])
     display.close()
@@ -596,14 +606,16 @@ def report_stage(stage_dir: Path, *, size: str, results: str) -> dict[str, Any]:
     """``OUT/report.md``, ``OUT/report.html`` and the plots, from the stages' records and the evaluation
     (also kept in the stage's own directory)."""
     out = stage_dir.parent
-    markdown = report_markdown(out, size, json.loads(Path(results).read_text()), stage_dir)
+    unigram = pretraining_baseline(size)
+    markdown = report_markdown(out, size, json.loads(Path(results).read_text()), stage_dir, unigram)
     (stage_dir / "report.md").write_text(markdown)
     (stage_dir / "report.html").write_text(markdown_to_html(markdown, title=f"llama2_lit demo ({size})"))
     for name in ("report.md", "report.html"):
         shutil.copy(stage_dir / name, out / name)
     for plot in stage_dir.glob("*.png"):
         shutil.copy(plot, out / plot.name)
-    return {"report": str(out / "report.md")}
+    return {"report": str(out / "report.md"), "unigram_ppl": unigram,
+            "val_ppl": load_run(out / "pretrain").last("val/ppl")}
 
 
 # ------------------------------------------------------------------------------------- the report
@@ -651,11 +663,11 @@ def _plot(path: Path, panels: list[tuple[str, dict[str, tuple[list[float], list[
     plt.close(figure)
 
 
-def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path) -> str:
+def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path, unigram: float) -> str:
     """The report: what each stage achieved, in the layout of the paper's tables and figures."""
     from llama2_lit.data.records import RATINGS
     from llama2_lit.evaluation import SUITES
-    from llama2_lit.runs import load_run, plot_runs
+    from llama2_lit.runs import plot_runs
 
     stage_names = [p.parent.relative_to(out).as_posix() for p in sorted(out.glob(f"**/{DONE_FILE}"))]
     records = {name: _done(out, name) for name in stage_names}
@@ -674,7 +686,7 @@ def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path) 
     pretrain, sft = load_run(out / "pretrain"), load_run(out / "sft")
     plot_runs([pretrain], ["train/loss", "val/ppl"], plots / "curves_pretrain.png")
     plot_runs([sft], ["train/loss", "val/loss", "val/helpfulness"], plots / "curves_sft.png")
-    ppl, unigram = pretrain.last("val/ppl"), pretraining_baseline(size)
+    ppl = pretrain.last("val/ppl")
     lines += ["", "## Pretraining (paper 2.2)", "",
               f"- validation perplexity **{_fmt(ppl, 2)}**, against **{unigram:.1f}** for a unigram model fitted to "
               f"the training tokens" if ppl else "- no validation perplexity logged",
@@ -774,7 +786,9 @@ def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path) 
         by_turn = g["sample_adherence_by_turn"]
         lines += ["", "## Ghost Attention (paper 3.3)", "",
                   f"{g['dialogs']} dialogs sampled from the PPO model with the instruction on every user turn; "
-                  f"{g['kept']} kept for training. Constraint adherence of the sampled answers by turn:", "",
+                  f"{g['kept'] - g.get('dropped_empty_answer', 0)} kept for training "
+                  f"({g.get('dropped_empty_answer', 0)} dropped for an empty answer). Constraint adherence of the "
+                  "sampled answers by turn:", "",
                   "| turn | " + " | ".join(str(t) for t in by_turn) + " |", "|---|" + "---|" * len(by_turn),
                   "| adherence | " + " | ".join(_fmt(v) for v in by_turn.values()) + " |"]
     if "cd/data" in records:
@@ -860,13 +874,14 @@ def markdown_to_html(markdown: str, *, title: str) -> str:
 
 # ------------------------------------------------------------------------------------- entry point
 def run_pipeline(size: str = "micro", out: str | Path = "runs/demo", *, versions: int = 2, fresh: bool = False,
-                 force: Sequence[str] = (), budget: Budget | None = None, group: str | None = None) -> Path:
+                 force: Sequence[str] = (), budget: Budget | None = None, group: str | None = None,
+                 in_process: bool = False) -> Path:
     """The recipe (``recipe``) under ``out``; returns ``OUT/report.md``. ``fresh`` deletes ``out`` first."""
     out = Path(out)
     if fresh and out.exists():
         shutil.rmtree(out)
     stages = recipe(size, versions, budget)
-    run_graph(stages, out, force=force, group=group or f"demo-{size}-{out.resolve().name}")
+    run_graph(stages, out, force=force, group=group or f"demo-{size}-{out.resolve().name}", in_process=in_process)
     return out / "report.md"
 
 

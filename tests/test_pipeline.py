@@ -17,7 +17,7 @@ STAGES = ["world", "pretrain", "sft", "v1/annotate", "v1/rm_helpfulness", "v1/rm
 def test_nano_pipeline_runs_every_stage_reports_and_caches(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO_ROOT)  # configs and the toy world are addressed from the repository root
     out = tmp_path / "demo"
-    argv = ["--size", "nano", "--out", str(out)]
+    argv = ["--size", "nano", "--out", str(out), "--in-process"]
     assert demo_main(argv) == 0
 
     for stage in STAGES:
@@ -29,8 +29,8 @@ def test_nano_pipeline_runs_every_stage_reports_and_caches(tmp_path, monkeypatch
         for suite in SUITES:
             assert 0.0 <= model[suite]["helpfulness"] <= 1.0 and model[suite]["n"] == 8, (name, suite)
             assert 0.0 <= model[suite]["violation"] <= 1.0 and 0.0 <= model[suite]["refusal"] <= 1.0
-    # SFT taught the chat format: it answers the seen tasks better than the pretrained model does.
-    assert results["models"]["sft"][SUITES[1]]["helpfulness"] > results["models"]["pretrained"][SUITES[1]]["helpfulness"]
+    report_summary = json.loads((out / "report" / "DONE.json").read_text())["summary"]
+    assert report_summary["val_ppl"] < report_summary["unigram_ppl"] / 2  # pretraining learned more than frequencies
     assert set(results["win_rates"]) == {"pretrained", "ppo", "gatt", "context distillation"}
     for entry in results["win_rates"].values():
         assert entry["baseline"] == "sft"

@@ -31,6 +31,9 @@ def demo_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group", default=None, help="W&B group of the pipeline's runs (default: demo-<size>-<out>)")
     parser.add_argument("--eval-prompts", type=int, default=None, help="prompts per evaluation suite (default: the size's)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="longest sampled answer (default: the size's)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the training stages in this process instead of one `llama2-lit fit` subprocess "
+                             "each (saves the start-up of every stage; the tests use it)")
     args = parser.parse_args(argv)
 
     budget = BUDGETS.get(args.size, Budget())
@@ -46,6 +49,6 @@ def demo_main(argv: list[str] | None = None) -> int:
             print(f"{name:<22} {status:<7} <- {', '.join(stage.inputs) or '-'}")
         return 0
     report = run_pipeline(args.size, args.out, versions=args.versions, fresh=args.fresh, force=args.force,
-                          budget=budget, group=args.group)
+                          budget=budget, group=args.group, in_process=args.in_process)
     print(f"\nreport: {report} (and {report.with_suffix('.html')})")
     return 0
