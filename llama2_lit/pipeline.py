@@ -355,7 +355,8 @@ class Budget:
     ppo: tuple[tuple[str, Any], ...] = ()
     gatt: tuple[tuple[str, Any], ...] = ()
     context_distillation: tuple[tuple[str, Any], ...] = ()
-    annotate_prompts: int = 64        # per version, train prompts (+ a quarter as many held-out prompts)
+    annotate_prompts: int = 64        # per version: train prompts
+    annotate_eval_prompts: int = 48   # per version: held-out prompts (the pairs the RMs are tested on)
     gatt_dialogs: int = 64
     gatt_require_adherence: bool = True
     distill_prompts: int = 64
@@ -371,12 +372,14 @@ def _steps(steps: int, every: int) -> tuple[tuple[str, Any], ...]:
 
 BUDGETS: dict[str, Budget] = {
     # CI: the whole graph in ~3 minutes on 2 cores; every stage trains a few steps.
-    "nano": Budget(pretrain=_steps(60, 30), sft=_steps(20, 20), reward=_steps(10, 10) + (("--trainer.limit_val_batches", 2),),
+    # Fewer SFT steps leave a model that answers with EOS alone (nothing to annotate).
+    "nano": Budget(pretrain=_steps(60, 30), sft=_steps(60, 60),
+                   reward=_steps(10, 10) + (("--trainer.limit_val_batches", 2),),
                    ppo=(("--trainer.max_steps", 12), ("--trainer.val_check_interval", 3),  # 3 iterations
                         ("--checkpoint.every_n_train_steps", 12), ("--trainer.limit_val_batches", 1)),
                    gatt=_steps(10, 10) + (("--trainer.limit_val_batches", 2),),
                    context_distillation=_steps(10, 10) + (("--trainer.limit_val_batches", 2),),
-                   annotate_prompts=32, gatt_dialogs=16, gatt_require_adherence=False, distill_prompts=32,
+                   annotate_prompts=48, annotate_eval_prompts=48, gatt_dialogs=16, gatt_require_adherence=False, distill_prompts=32,
                    eval_prompts=8, max_new_tokens=24, static_pairs=200),
     # The demo: 20 minutes on 2 cores for everything. Not measured end to end yet; the estimates
     # (quiet cores) are pretrain ~3.5 min, SFT ~2.5, the four reward models ~1 each, PPO ~1.5,
@@ -390,7 +393,7 @@ BUDGETS: dict[str, Budget] = {
                          ("--checkpoint.every_n_train_steps", 20), ("--trainer.limit_val_batches", 1)),
                     gatt=_steps(60, 60) + (("--trainer.limit_val_batches", 5),),
                     context_distillation=_steps(40, 40) + (("--trainer.limit_val_batches", 5),),
-                    annotate_prompts=192, gatt_dialogs=96, distill_prompts=128, eval_prompts=64, max_new_tokens=48),
+                    annotate_prompts=192, annotate_eval_prompts=64, gatt_dialogs=96, distill_prompts=128, eval_prompts=64, max_new_tokens=48),
 }
 
 
@@ -428,7 +431,8 @@ def recipe(size: str = "micro", versions: int = 2, budget: Budget | None = None)
         stages.append(Stage(annotate, (policy,), function=annotate_stage,
                             params={"policy": f"${{{policy}}}", "prompts": f"{WORLD}/rl_prompts_train.jsonl",
                                     "eval_prompts": f"{WORLD}/rl_prompts_eval.jsonl", "version": v,
-                                    "num_prompts": b.annotate_prompts, "max_new_tokens": b.max_new_tokens},
+                                    "num_prompts": b.annotate_prompts, "num_eval_prompts": b.annotate_eval_prompts,
+                                    "max_new_tokens": b.max_new_tokens},
                             outputs={"train": "train.jsonl", "eval": "eval.jsonl"}, tags=("annotate", f"v{v}"),
                             about=f"RLHF-V{v}: pairs on {policy}'s samples (3.2.1)"))
         annotated.append(annotate)
@@ -504,10 +508,12 @@ def _policy(checkpoint: str):
 
 
 def annotate_stage(stage_dir: Path, *, policy: str, prompts: str, eval_prompts: str, version: int, num_prompts: int,
-                   max_new_tokens: int, temperatures: tuple[float, float] = (0.6, 1.0)) -> dict[str, Any]:
+                   num_eval_prompts: int, max_new_tokens: int,
+                   temperatures: tuple[float, float] = (0.6, 1.0)) -> dict[str, Any]:
     """Fresh pairs for one RLHF version: two samples per prompt from the latest policy at two temperatures,
     annotated by the oracle (``sampling.annotate``). Each version takes the next slice of the prompts
-    (fresh prompts), and a quarter as many held-out prompts give the pairs its RMs are tested on."""
+    (fresh prompts); held-out prompts give the pairs its RMs are tested on. Ties (equal oracle scores:
+    frequent for a weak policy, whose answers mostly score 0) give no pair."""
     from dataclasses import asdict
 
     from llama2_lit.data.records import load_records, write_records
@@ -515,7 +521,7 @@ def annotate_stage(stage_dir: Path, *, policy: str, prompts: str, eval_prompts: 
 
     model, tokenizer = _policy(policy)
     summary = {}
-    for split, path, n in (("train", prompts, num_prompts), ("eval", eval_prompts, max(8, num_prompts // 4))):
+    for split, path, n in (("train", prompts, num_prompts), ("eval", eval_prompts, num_eval_prompts)):
         records = load_records(path, "prompts")[(version - 1) * n: version * n]
         pairs, stats = annotate_on_policy(records, tokenizer, Sampler(model, temperatures[0]),
                                           Sampler(model, temperatures[1]), max_new_tokens=max_new_tokens,
@@ -643,7 +649,7 @@ def pretraining_baseline(size: str) -> float:
     return unigram_perplexity(dataset_targets(data.train_dataset), dataset_targets(data.val_dataset), vocab_size)
 
 
-def _plot(path: Path, panels: list[tuple[str, dict[str, tuple[list[float], list[float]]], str]]) -> None:
+def _plot(path: Path, panels: list[tuple[str, dict[str, tuple[list[Any], list[float]]], str]]) -> None:
     """One panel per (title, {label: (xs, ys)}, x label)."""
     import matplotlib
 
@@ -712,12 +718,12 @@ def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path, 
                      f"{_fmt(seen['helpfulness_se'])} | {_fmt(harmful['helpfulness'])} | {_fmt(harmful['violation'])} "
                      f"| {_fmt(border['refusal'])} |")
     order_models = [n for n in ("pretrained", "sft", "ppo", "gatt", "context distillation") if n in models]
-    xs = list(range(len(order_models)))
+    xs = order_models  # categorical axis: one point per stage's model
     _plot(plots / "stages.png", [("oracle scores after each stage", {
         "helpfulness (held-out tasks)": (xs, [models[n][SUITES[0]]["helpfulness"] for n in order_models]),
         "violation (harmful)": (xs, [models[n][SUITES[2]]["violation"] for n in order_models]),
         "false refusal (borderline)": (xs, [models[n][SUITES[3]]["refusal"] for n in order_models])},
-        " -> ".join(order_models))])
+        "model after each stage")])
     lines += ["", "![after every stage](stages.png)"]
     if results["win_rates"]:
         lines += ["", "### Win rate against SFT (the paper's Fig 1 and Fig 12 style)", "",
@@ -766,10 +772,10 @@ def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path, 
         reward, oracle = ppo.series.get("ppo/reward_rc", []), ppo.series.get("ppo/oracle_helpfulness", [])
         panels = [("RM reward (R_c) and oracle helpfulness", {
             "RM reward R_c": ([s for s, _ in reward], [v for _, v in reward]),
-            "oracle helpfulness": ([s for s, _ in oracle], [v for _, v in oracle])}, "step")]
+            "oracle helpfulness": ([s for s, _ in oracle], [v for _, v in oracle])}, "iteration")]
         kl = ppo.series.get("ppo/kl", [])
         if kl:
-            panels.append(("KL to the reference", {"KL": ([s for s, _ in kl], [v for _, v in kl])}, "step"))
+            panels.append(("KL to the reference", {"KL": ([s for s, _ in kl], [v for _, v in kl])}, "iteration"))
         _plot(plots / "ppo.png", panels)
         lines += ["", "## PPO (paper 3.2.3)", "",
                   "The reward the policy is optimised for (the reward models' R_c, before whitening) next to the "

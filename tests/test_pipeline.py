@@ -4,6 +4,7 @@ has its tables with numbers, and a second run reuses every finished stage instea
 from __future__ import annotations
 
 import json
+import re
 
 from conftest import REPO_ROOT
 
@@ -47,8 +48,10 @@ def test_nano_pipeline_runs_every_stage_reports_and_caches(tmp_path, monkeypatch
                     "### Accuracy on each version's fresh pairs", "## PPO", "## Ghost Attention",
                     "## Safety context distillation"):
         assert heading in report, heading
-    table = [line for line in report.splitlines() if line.startswith("| v2/rm_helpfulness | ")]
-    assert len(table) == 2 and all("-" not in line.split("|")[3] for line in table)  # numbers, not blanks
+    number = r"\d\.\d{3}"
+    # Table 8's row (pairs, four ratings, average) and the fresh-pairs row (v1, v2): numbers, not blanks.
+    assert re.search(rf"^\| v2/rm_helpfulness \| 200 \| ({number} \| ){{4}}{number} \|$", report, re.M)
+    assert re.search(rf"^\| v2/rm_safety \| {number} \| {number} \|$", report, re.M)
     for plot in ("curves_pretrain.png", "curves_sft.png", "stages.png", "ppo.png", "context_distillation.png"):
         assert (out / plot).stat().st_size > 0, plot
     assert "<table>" in (out / "report.html").read_text()
