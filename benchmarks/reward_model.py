@@ -36,6 +36,7 @@ from common import REPO_ROOT, environment_line, print_table  # noqa: E402
 from llama2_lit.checkpoints import export_hf  # noqa: E402
 from llama2_lit.config import ModelConfig  # noqa: E402
 from llama2_lit.data.datamodules import PAD_TOKEN, PreferenceCollate, PreferenceDataModule  # noqa: E402
+from llama2_lit.data.records import load_records  # noqa: E402
 from llama2_lit.model import Transformer  # noqa: E402
 from llama2_lit.rlhf.ranking import rating_margins  # noqa: E402
 from llama2_lit.stages import RewardModule  # noqa: E402
@@ -46,10 +47,9 @@ ADAMW = {"lr": 1e-5, "betas": (0.9, 0.95), "eps": 1e-5, "weight_decay": 0.1}
 
 def toy_pairs(n: int, max_seq_len: int) -> list[dict]:
     """The first ``n`` helpfulness pairs of the toy world, encoded as the reward stage encodes them."""
-    data = PreferenceDataModule(str(REPO_ROOT / TOKENIZER_PATH), [str(REPO_ROOT / WORLD_DIR / "preference_helpful_train.jsonl")],
-                                max_seq_len=max_seq_len)
-    data.setup()
-    return [data.train_dataset[i] for i in range(min(n, len(data.train_dataset)))]
+    path = str(REPO_ROOT / WORLD_DIR / "preference_helpful_train.jsonl")
+    data = PreferenceDataModule(str(REPO_ROOT / TOKENIZER_PATH), [path], max_seq_len=max_seq_len)
+    return [data.encode(record) for record in load_records(path, "preference")[:n]]
 
 
 def ours(model: Transformer, batches: list[list[dict]]):
