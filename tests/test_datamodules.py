@@ -516,7 +516,9 @@ def test_preference_pairs_are_finished_dialogs_right_padded_with_ratings(tmp_pat
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
     assert set(batch) == {"chosen_input_ids", "chosen_attention_mask", "rejected_input_ids",
-                          "rejected_attention_mask", "rating", "chosen_safe", "rejected_safe"}
+                          "rejected_attention_mask", "rating", "chosen_safe", "rejected_safe", "source"}
+    assert batch["source"].tolist() == [0, 0]  # the index of each validation pair's file
+    assert "source" not in dm.train_dataset[0]  # the same file as training data: no source there
     sky = lambda answer: exchange_ids(meta_tokenizer_path, "Is the sky blue?", answer)[0]  # noqa: E731
     paris = lambda answer: exchange_ids(  # noqa: E731
         meta_tokenizer_path, f"<<SYS>>\n{SYSTEM}\n<</SYS>>\n\nCapital of France?", answer)[0]

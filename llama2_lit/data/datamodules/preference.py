@@ -93,11 +93,20 @@ class PreferenceDataModule(_RecordsDataModule):
         }
 
     def _encode_into(self, out: list[Any], record: dict[str, Any], path: str, number: int) -> None:
-        # A validation pair remembers its file (batch key ``source``), so metrics can be split by file.
         before = len(out)
         super()._encode_into(out, record, path, number)
-        if len(out) > before and path in self.val_files:
-            out[-1]["source"] = self.val_files.index(path)
+        if len(out) > before:
+            self._encoded_from.append(path)
+
+    def _encoded_splits(self) -> tuple[list[Any], list[Any]]:
+        self._encoded_from: list[str] = []
+        train, val = super()._encoded_splits()
+        if self.val_files:
+            # A validation pair remembers its file (batch key ``source``), so metrics can be split by
+            # file. The validation files are encoded last, so they are the last len(val) encoded.
+            for example, path in zip(val, self._encoded_from[len(self._encoded_from) - len(val):]):
+                example["source"] = self.val_files.index(path)
+        return train, val
 
     def collate(self) -> PreferenceCollate:
         return PreferenceCollate()
