@@ -41,6 +41,8 @@ class PreferenceCollate:
             "rating": torch.tensor([e["rating"] for e in examples], dtype=torch.long),
             "chosen_safe": torch.tensor([e["chosen_safe"] for e in examples], dtype=torch.long),
             "rejected_safe": torch.tensor([e["rejected_safe"] for e in examples], dtype=torch.long),
+            **({"source": torch.tensor([e["source"] for e in examples], dtype=torch.long)}
+               if all("source" in e for e in examples) else {}),
         }
 
 
