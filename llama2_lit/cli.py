@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("llama2_lit.generation:chat_main", "chat with a checkpoint in the Llama 2 chat format"),
     "world": ("llama2_lit.data.world:world_main", "generate the toy world's data files"),
     "data": ("llama2_lit.data.records:data_main", "validate data files (`llama2-lit data validate FILE --kind KIND`)"),
+    "sample": ("llama2_lit.sampling.rejection:sample_main",
+               "rejection sampling: best-of-K samples scored by the reward models, pooled (paper 3.2.3)"),
     "runs": ("llama2_lit.runs:runs_main", "tabulate and plot the metrics of several local runs"),
 }
 

@@ -34,7 +34,8 @@ def steps_of(path: Path, metric: str) -> list[int]:
 # ------------------------------------------------------------------------------------ configs
 def test_there_are_configs_for_every_size_and_stage():
     names = {str(path.relative_to(REPO_ROOT / "configs")) for path in CONFIGS}
-    assert {f"{size}/{stage}.yaml" for size in ("nano", "micro", "llama2-7b") for stage in ("pretrain", "sft")} <= names
+    stages = ("pretrain", "sft", "rejection_sampling")
+    assert {f"{size}/{stage}.yaml" for size in ("nano", "micro", "llama2-7b") for stage in stages} <= names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda path: str(path.relative_to(REPO_ROOT / "configs")))
