@@ -832,25 +832,29 @@ def run_rejection_sampling(sft_ckpt: str | Path, rm_helpfulness_ckpt: str | Path
 # ================================================================================ Lightning predict loop
 class RejectionSamplingPredictor(L.LightningModule):
     """``rejection_sample`` as a ``predict_step``: ``Trainer.predict`` gives each rank its share of
-    the prompts (Lightning's distributed sampler), and ``gather_predictions`` collects them.
+    the prompts (Lightning's distributed sampler), and at the end of the epoch rank 0 gathers every
+    rank's samples (``all_gather_object``) and writes them to ``gathered_path`` (JSONL), which works
+    alike for one process, ``ddp`` and ``ddp_spawn``.
 
     The models are loaded in ``configure_model`` on the rank's device (nothing is pickled to the
-    workers). A batch is a list of ``(index, prompts record)``; ``collate=list`` in the loader.
+    workers). A batch is a list of ``(index, prompts record)``; ``collate_fn=list`` in the loader.
     """
 
-    def __init__(self, policy_ckpt: str, rm_helpfulness_ckpt: str, rm_safety_ckpt: str, tokenizer_path: str, *,
-                 num_samples: int, temperature: float, top_p: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
-                 iteration: int = 1, threshold: float = SAFETY_THRESHOLD, require_eos: bool = True,
-                 batch_size: int = 64, with_oracle: bool = False) -> None:
+    def __init__(self, policy_ckpt: str, rm_helpfulness_ckpt: str, rm_safety_ckpt: str, tokenizer_path: str,
+                 gathered_path: str, *, num_samples: int, temperature: float, top_p: float = 1.0,
+                 max_new_tokens: int = 64, seed: int = 0, iteration: int = 1, threshold: float = SAFETY_THRESHOLD,
+                 require_eos: bool = True, batch_size: int = 64, with_oracle: bool = False) -> None:
         super().__init__()
         self.paths = (policy_ckpt, rm_helpfulness_ckpt, rm_safety_ckpt)
         self.tokenizer_path = tokenizer_path
+        self.gathered_path = gathered_path
         self.options = {"num_samples": num_samples, "temperature": temperature, "top_p": top_p,
                         "max_new_tokens": max_new_tokens, "seed": seed, "iteration": iteration,
                         "threshold": threshold, "require_eos": require_eos, "batch_size": batch_size,
                         "with_oracle": with_oracle}
         self.policy: Transformer | None = None
         self.scorer: RewardModels | None = None
+        self.outputs: list[PromptSamples] = []
 
     def configure_model(self) -> None:
         if self.policy is not None:
@@ -858,29 +862,31 @@ class RejectionSamplingPredictor(L.LightningModule):
         from llama2_lit.checkpoints import load_model
 
         device = self.trainer.strategy.root_device
-        tokenizer = Tokenizer(self.tokenizer_path)
         self.policy = load_model(self.paths[0], device=device).eval()
-        self.scorer = RewardModels.from_checkpoints(self.paths[1], self.paths[2], tokenizer, device=device)
-        # Registered as submodules so that the strategy sees them (and moves nothing twice).
-        self.rm_helpfulness, self.rm_safety = self.scorer.helpfulness, self.scorer.safety
+        self.scorer = RewardModels.from_checkpoints(self.paths[1], self.paths[2], Tokenizer(self.tokenizer_path),
+                                                    device=device)
+        self.rm_helpfulness, self.rm_safety = self.scorer.helpfulness, self.scorer.safety  # submodules
 
-    def predict_step(self, batch: list[tuple[int, dict]], batch_idx: int) -> list[PromptSamples]:
+    def predict_step(self, batch: list[tuple[int, dict]], batch_idx: int) -> None:
         indices, records = [i for i, _ in batch], [r for _, r in batch]
-        return rejection_sample(self.policy, self.scorer, self.scorer.tokenizer, records, indices=indices,
-                                **self.options)
+        self.outputs += rejection_sample(self.policy, self.scorer, self.scorer.tokenizer, records, indices=indices,
+                                         **self.options)
 
+    def on_predict_epoch_end(self) -> None:
+        import dataclasses
 
-def gather_predictions(predictions: list[list[PromptSamples]]) -> list[PromptSamples]:
-    """This rank's ``Trainer.predict`` output merged with every other rank's, by prompt index
-    (duplicates from the distributed sampler's padding dropped); the same list on every rank."""
-    import torch.distributed as dist
+        import torch.distributed as dist
 
-    local = [s for batch in predictions or [] for s in batch]
-    if dist.is_available() and dist.is_initialized():
-        everything: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(everything, local)
-        local = [s for part in everything for s in part]
-    return sorted({s.index: s for s in local}.values(), key=lambda s: s.index)
+        from llama2_lit.data.records import write_jsonl
+
+        everything = self.outputs
+        if dist.is_available() and dist.is_initialized():
+            parts: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, self.outputs)
+            everything = [s for part in parts for s in part]
+        if self.trainer.is_global_zero:  # the distributed sampler pads with repeats: one per index
+            unique = sorted({s.index: s for s in everything}.values(), key=lambda s: s.index)
+            write_jsonl([dataclasses.asdict(s) for s in unique], self.gathered_path)
 
 
 def predict_rejection_samples(policy_ckpt: str | Path, rm_helpfulness_ckpt: str | Path, rm_safety_ckpt: str | Path,
@@ -888,15 +894,23 @@ def predict_rejection_samples(policy_ckpt: str | Path, rm_helpfulness_ckpt: str 
                               trainer_options: dict[str, Any] | None = None, prompts_per_batch: int = 8,
                               **options: Any) -> list[PromptSamples]:
     """``rejection_sample`` over ``prompts`` with ``Trainer.predict`` (``trainer_options``: devices,
-    accelerator, strategy, ...); returns every prompt's samples on every rank."""
+    accelerator, strategy, ...). Returns every prompt's samples, by index, on rank 0 (the process
+    that called it under ``ddp_spawn``) and an empty list on the other ranks."""
+    import tempfile
+
     from torch.utils.data import DataLoader
 
-    module = RejectionSamplingPredictor(str(policy_ckpt), str(rm_helpfulness_ckpt), str(rm_safety_ckpt),
-                                        str(tokenizer_path), **options)
-    loader = DataLoader(list(enumerate(prompts)), batch_size=prompts_per_batch, shuffle=False, collate_fn=list)
-    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        **(trainer_options or {}))
-    return gather_predictions(trainer.predict(module, dataloaders=loader))
+    with tempfile.TemporaryDirectory(prefix="llama2-lit-sample-") as folder:
+        gathered = Path(folder) / "samples.jsonl"
+        module = RejectionSamplingPredictor(str(policy_ckpt), str(rm_helpfulness_ckpt), str(rm_safety_ckpt),
+                                            str(tokenizer_path), str(gathered), **options)
+        loader = DataLoader(list(enumerate(prompts)), batch_size=prompts_per_batch, shuffle=False, collate_fn=list)
+        trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            **(trainer_options or {}))
+        trainer.predict(module, dataloaders=loader, return_predictions=False)
+        if not gathered.is_file():
+            return []
+        return [PromptSamples(**json.loads(line)) for line in gathered.read_text().splitlines()]
 
 
 # ================================================================================ command line
@@ -965,9 +979,7 @@ def sample_main(argv: list[str] | None = None) -> int:
     except (CheckpointError, RecordError, FileNotFoundError, ChatFormatError, ValueError) as error:
         print(f"llama2-lit sample: error: {error}", file=sys.stderr)
         return 1
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
-    if rank_zero_only.rank != 0:
+    if not samples:  # not rank 0: rank 0 writes
         return 0
     step_dir = args.out / f"iteration-{args.iteration}"
     best = best_records(samples, iteration=args.iteration, temperature=args.temperature)
