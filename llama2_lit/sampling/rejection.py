@@ -624,11 +624,13 @@ class _RunLog:
             return
         import os
 
+        import wandb
         from lightning.pytorch.loggers import WandbLogger
 
         os.environ.setdefault("WANDB_MODE", "offline")
         logger = WandbLogger(name=self.info["name"], project=self.info["project"], id=self.info["wandb_id"],
-                             job_type="rejection_sampling", save_dir=str(self.out_dir), resume="allow")
+                             job_type="rejection_sampling", save_dir=str(self.out_dir), resume="allow",
+                             settings=wandb.Settings(quiet=True))  # flushed several times a run: no summaries
         for kind, payload, step in self.pending:
             if kind == "metrics":
                 logger.log_metrics(payload, step)
