@@ -157,7 +157,8 @@ class RewardModels:
             except ChatFormatError:
                 encoded.append(None)
         scores = torch.zeros(len(encoded))
-        rows = [i for i, ids in enumerate(encoded) if ids is not None]
+        # Longest first, so each batch holds similar lengths (little padding) and memory peaks early.
+        rows = sorted((i for i, ids in enumerate(encoded) if ids is not None), key=lambda i: -len(encoded[i]))
         device = next(model.parameters()).device
         with torch.inference_mode():
             for start in range(0, len(rows), self.batch_size):
