@@ -332,3 +332,37 @@ def test_predict_loop_spreads_prompts_over_two_processes(models, prompts, toy):
                                     trainer_options={"accelerator": "cpu", "devices": 2, "strategy": "ddp_spawn"},
                                     **options)
     assert [(s.index, s.responses, s.best) for s in one] == [(s.index, s.responses, s.best) for s in two]
+
+
+# ------------------------------------------------------------------------------------ command line
+def test_sample_command_writes_kept_samples_the_pool_and_the_training_set(models, toy, tmp_path, capsys):
+    from llama2_lit.sampling.rejection import sample_main
+
+    world, _ = toy
+    out = tmp_path / "rs"
+    args = [str(models["policy"]), "--rm-helpfulness", str(models["rm_h"]), "--rm-safety", str(models["rm_s"]),
+            "--prompts", str(world / "rl_prompts_train.jsonl"), "--out", str(out), "--num-samples", "2",
+            "--num-prompts", "3", "--max-new-tokens", "6", "--temperature", "1.0", "--accelerator", "cpu"]
+    assert sample_main([*args, "--keep-unfinished"]) == 0
+    assert len(load_records(out / "iteration-1" / "best.jsonl", "chat")) == 3
+    assert len(load_records(out / "pool.jsonl", "chat")) == 3
+    assert len(load_records(out / "iteration-1" / "train.jsonl", "chat")) == 3
+    assert "kept 3" in capsys.readouterr().out
+    # A random model never ends within 6 tokens: without --keep-unfinished nothing can be kept.
+    assert sample_main([*args, "--out", str(tmp_path / "none")]) == 1
+    assert "no prompt has an eligible sample" in capsys.readouterr().err
+    assert not (tmp_path / "none" / "iteration-1" / "best.jsonl").exists()
+
+
+def test_sample_command_names_the_bad_record(models, tmp_path, capsys):
+    from llama2_lit.sampling.rejection import sample_main
+
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "Hi"}], "is_safety": false}\n'
+                   '{"messages": [{"role": "user", "content": "Hi"}], "is_safety": "no"}\n')
+    status = sample_main([str(models["policy"]), "--rm-helpfulness", str(models["rm_h"]), "--rm-safety",
+                          str(models["rm_s"]), "--prompts", str(bad), "--out", str(tmp_path / "out"),
+                          "--temperature", "1.0"])
+    error = capsys.readouterr().err.strip()
+    assert status == 1 and len(error.splitlines()) == 1
+    assert error == f"llama2-lit sample: error: {bad}, line 2: is_safety: expected true or false, got 'no'"

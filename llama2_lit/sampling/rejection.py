@@ -1,8 +1,8 @@
 """Rejection-sampling fine-tuning (paper section 3.2.3): best-of-K from the latest policy.
 
-"We sample K outputs from the model and select the best candidate with our reward, [...] the
-selected outputs [are] the new gold standard, [and we] fine-tune our model on the new set of ranked
-samples." One iteration here:
+"We sample K outputs from the model and select the best candidate with our reward"; the kept
+sample is the "new gold standard", and the model is fine-tuned on the kept set, similar to SFT.
+One iteration here:
 
 1. **Sample** K responses per prompt from the current policy at temperature T, batched: each prompt
    is repeated K times with K seeds (``sample_seeds``), so a sample depends only on the seed, the
@@ -17,8 +17,8 @@ samples." One iteration here:
    dialog: non-empty, free of the chat format's special tags, and finished with EOS (a response
    cut at ``max_new_tokens`` would teach the model to stop mid-sentence; the paper does not say).
 4. **Pool** (section 3.2.3: up to RLHF-V3 only the previous iteration's samples were used, which
-   caused regressions such as forgotten rhyming; afterwards "the top-performing samples from all
-   prior iterations"): the pool holds the kept sample of every iteration for every prompt, and the
+   caused regressions such as forgotten rhyming; afterwards the top-performing samples of all
+   prior iterations were incorporated): the pool holds the kept sample of every iteration for every prompt, and the
    fine-tuning set takes, per prompt, the pool's sample with the highest R_c under the *latest*
    reward models (``update_pool``, ``pool_training_set``; the rule is ours, the paper gives none).
 5. **Fine-tune** on that set with the SFT module (``configs/<size>/rejection_sampling.yaml``).
@@ -870,10 +870,12 @@ class RejectionSamplingPredictor(L.LightningModule):
                                                     device=device)
         self.rm_helpfulness, self.rm_safety = self.scorer.helpfulness, self.scorer.safety  # submodules
 
-    def predict_step(self, batch: list[tuple[int, dict]], batch_idx: int) -> None:
+    def predict_step(self, batch: list[tuple[int, dict]], batch_idx: int) -> list[PromptSamples]:
         indices, records = [i for i, _ in batch], [r for _, r in batch]
-        self.outputs += rejection_sample(self.policy, self.scorer, self.scorer.tokenizer, records, indices=indices,
-                                         **self.options)
+        samples = rejection_sample(self.policy, self.scorer, self.scorer.tokenizer, records, indices=indices,
+                                   **self.options)
+        self.outputs += samples
+        return samples
 
     def on_predict_epoch_end(self) -> None:
         import dataclasses
@@ -948,6 +950,8 @@ def sample_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--top-p", type=float, default=1.0, help="default 1.0: the temperature is the one knob")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep-unfinished", action="store_true",
+                        help="samples cut at --max-new-tokens may be kept too (default: only those that ended)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="default: the one recorded with the policy")
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--devices", default="1")
@@ -964,7 +968,8 @@ def sample_main(argv: list[str] | None = None) -> int:
                 finetune_config=args.finetune_config, num_samples=args.num_samples, temperature=args.temperature,
                 temperatures=temperatures, sweep_prompts=args.sweep_prompts, num_prompts=args.num_prompts,
                 max_new_tokens=args.max_new_tokens, top_p=args.top_p, seed=args.seed,
-                eval_prompts_file=args.eval_prompts, eval_prompts=args.eval_num, tokenizer_path=args.tokenizer)
+                eval_prompts_file=args.eval_prompts, eval_prompts=args.eval_num, tokenizer_path=args.tokenizer,
+                require_eos=not args.keep_unfinished)
             print(json.dumps({"temperature_optimum": report["temperature_optimum"],
                               "evaluation": [r.get("evaluation", {}).get("gaps") for r in report["iterations"]]},
                              indent=2))
@@ -978,7 +983,8 @@ def sample_main(argv: list[str] | None = None) -> int:
             args.policy, args.rm_helpfulness, args.rm_safety, prompts, tokenizer_path=tokenizer_path,
             trainer_options={"accelerator": args.accelerator, "devices": devices, "strategy": args.strategy},
             num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
-            max_new_tokens=args.max_new_tokens, seed=args.seed, iteration=args.iteration, with_oracle=False)
+            max_new_tokens=args.max_new_tokens, seed=args.seed, iteration=args.iteration, with_oracle=False,
+            require_eos=not args.keep_unfinished)
     except (CheckpointError, RecordError, FileNotFoundError, ChatFormatError, ValueError) as error:
         print(f"llama2-lit sample: error: {error}", file=sys.stderr)
         return 1
@@ -987,6 +993,11 @@ def sample_main(argv: list[str] | None = None) -> int:
     step_dir = args.out / f"iteration-{args.iteration}"
     best = best_records(samples, iteration=args.iteration, temperature=args.temperature)
     write_jsonl(sample_rows(samples), step_dir / "samples.jsonl")
+    if not best:
+        print(f"llama2-lit sample: error: no prompt has an eligible sample (every response empty, cut at "
+              f"--max-new-tokens {args.max_new_tokens} or holding a chat tag; see {step_dir / 'samples.jsonl'})",
+              file=sys.stderr)
+        return 1
     write_records(best, step_dir / "best.jsonl", "chat")
     pool_path = args.out / "pool.jsonl"
     pool = update_pool(load_records(pool_path, "chat") if pool_path.is_file() else [], best)
