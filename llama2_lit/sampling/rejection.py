@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import io
 import json
 import math
 import sys
@@ -552,7 +553,8 @@ def paired_gap(new: Sequence[float], old: Sequence[float]) -> dict[str, float]:
 
 
 def evaluate_policies(checkpoints: dict[str, str | Path], prompts: Sequence[dict], tokenizer: Tokenizer, *,
-                      max_new_tokens: int = 64, baseline: str | None = None) -> dict[str, Any]:
+                      max_new_tokens: int = 64, baseline: str | None = None,
+                      device: torch.device | str = "cpu") -> dict[str, Any]:
     """Oracle helpfulness, accuracy and violation rate of greedy answers to held-out ``prompts``
     (``evaluation.suite_summary``), per model; and each model's gap to ``baseline`` (default: the
     first, e.g. the SFT model): the mean per-prompt helpfulness difference and its standard error
@@ -563,7 +565,8 @@ def evaluate_policies(checkpoints: dict[str, str | Path], prompts: Sequence[dict
     helpfulness: dict[str, list[float]] = {}
     summaries: dict[str, dict[str, float]] = {}
     for name, checkpoint in checkpoints.items():
-        results = oracle_answers(load_model(checkpoint).eval(), tokenizer, list(prompts), max_new_tokens=max_new_tokens)
+        model = load_model(checkpoint, device=device).eval()
+        results = oracle_answers(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens)
         summaries[name] = suite_summary(results)
         helpfulness[name] = [r["judgement"].helpfulness for r in results]
     baseline = baseline or next(iter(checkpoints))
@@ -611,9 +614,9 @@ class _RunLog:
         self.pending: list[tuple[str, Any, int | None]] = []
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
-        self.csv.log_metrics(finite, step)
-        self.pending.append(("metrics", finite, step))
+        values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.csv.log_metrics(values, step)
+        self.pending.append(("metrics", values, step))
 
     def table(self, key: str, rows: list[dict]) -> None:
         if rows:
@@ -642,14 +645,22 @@ class _RunLog:
         self.pending = []
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: never a half-written file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
 def _write_csv(rows: list[dict], path: Path) -> None:
     if not rows:
         return
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_atomically(path, buffer.getvalue())
 
 
 def finetune_on_records(train_file: str | Path, init_from: str | Path, config: str | Path, run_dir: str | Path,
@@ -766,7 +777,7 @@ def run_rejection_sampling_iteration(
             if baseline_ckpt is not None and Path(baseline_ckpt) != Path(policy_ckpt):
                 models["previous"] = policy_ckpt  # the policy this iteration sampled from
             models["finetuned"] = summary["finetuned"]
-            evaluation = evaluate_policies(models, held_out, tokenizer, max_new_tokens=max_new_tokens)
+            evaluation = evaluate_policies(models, held_out, tokenizer, max_new_tokens=max_new_tokens, device=device)
             if "previous" in models:  # a pooled iteration must not regress
                 per_prompt = evaluation["per_prompt"]
                 evaluation["gaps"]["finetuned_vs_previous"] = paired_gap(per_prompt["finetuned"], per_prompt["previous"])
@@ -779,7 +790,7 @@ def run_rejection_sampling_iteration(
     log.log({f"rs/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
             iteration)
     log.flush()
-    (step_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    _write_atomically(step_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 
@@ -828,7 +839,7 @@ def run_rejection_sampling(sft_ckpt: str | Path, rm_helpfulness_ckpt: str | Path
                                  "at_k": {str(t): row for t, row in sweep.at(num_samples).items()}}
     report["temperature_optimum"] = [r.get("sweep", {}).get("best_temperature") for r in results] + \
         ([report["final_sweep"]["best_temperature"]] if "final_sweep" in report else [])
-    (out_dir / "summary.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    _write_atomically(out_dir / "summary.json", json.dumps(report, indent=2, default=str) + "\n")
     return report
 
 
