@@ -37,7 +37,7 @@ test-all: $(STAMP)
 
 ## The main job: the recipe end to end on the toy world (CPU, minutes).
 demo: $(STAMP)
-	$(BIN)/python -m llama2_lit.pipeline --size micro --out runs/demo
+	$(BIN)/python -m llama2_lit demo --size micro --out runs/demo
 
 ## Execute every notebook in place.
 notebooks: $(STAMP)

@@ -1,7 +1,7 @@
 """The Llama 2-Chat format: dialogs -> token ids + loss masks, exactly as Meta's reference.
 
-Ground truth is ``Llama.chat_completion`` in facebookresearch/llama ``llama/generation.py``
-(spec section 10). A dialog is ``[system?] user assistant user assistant ... user|assistant``:
+Ground truth is ``Llama.chat_completion`` in facebookresearch/llama ``llama/generation.py``.
+A dialog is ``[system?] user assistant user assistant ... user|assistant``:
 
 1. A first ``system`` message is merged into the first user message:
    ``B_SYS + system + E_SYS + user`` (``B_SYS = "<<SYS>>\\n"``, ``E_SYS = "\\n<</SYS>>\\n\\n"``).

@@ -1,6 +1,6 @@
 """Model configuration: one dataclass, the paper's sizes and the course sizes.
 
-The Llama 2 sizes follow Meta's ``params.json`` files and Table 1 of the paper (spec section 1.1).
+The Llama 2 sizes follow Meta's ``params.json`` files and Table 1 of the paper.
 The FFN hidden size is derived exactly as Meta's ``FeedForward.__init__`` derives it, so that a
 preset reproduces the released checkpoints' shapes (and their exact parameter counts).
 """
@@ -11,7 +11,16 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import torch
+
+IGNORE_INDEX = -100
+"""Label of positions that carry no loss (``torch.nn.functional.cross_entropy``'s default)."""
+
+DType = Literal["float32", "bfloat16", "float16"]
+"""The floating-point types a command or strategy may name."""
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -39,7 +48,7 @@ class ModelConfig:
     ffn_dim_multiplier: float | None = None
     """Optional widening of the FFN (1.3 for 70B, to keep GQA's parameter count equal to MHA's)."""
     norm_eps: float = 1e-5
-    """RMSNorm epsilon. Llama 2 uses 1e-5 (Llama 1 used 1e-6; spec pitfall 11.2)."""
+    """RMSNorm epsilon. Llama 2 uses 1e-5, as its params.json files say (Llama 1 used 1e-6)."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
     max_seq_len: int = 4096
@@ -65,6 +74,17 @@ class ModelConfig:
             problems.append(f"vocab_size={self.vocab_size} must be positive (fill in the tokenizer's size)")
         if problems:
             raise ValueError(f"invalid ModelConfig {self.name!r}: " + "; ".join(problems))
+
+    # ----------------------------------------------------------------------------------- shapes
+    @staticmethod
+    def shape_fields() -> tuple[str, ...]:
+        """The fields (and derived sizes) that determine the tensor shapes: two configs that agree on
+        them hold the same tensors, so one's weights load into the other."""
+        return ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim")
+
+    def shape_differences(self, other: ModelConfig) -> list[str]:
+        """The shape fields on which ``other`` differs (empty: the same tensors)."""
+        return [f for f in self.shape_fields() if getattr(self, f) != getattr(other, f)]
 
     # ----------------------------------------------------------------------------------- derived
     @property
@@ -145,7 +165,7 @@ class ModelConfig:
 COURSE_VOCAB_SIZE = 4096
 
 PRESETS: dict[str, ModelConfig] = {
-    # --- Llama 2 (spec section 1.1; Meta params.json; HF config.json) ---
+    # --- Llama 2 (paper Table 1; Meta params.json; HF config.json) ---
     "llama2-7b": ModelConfig(
         name="llama2-7b", dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, multiple_of=256,
         notes="Meta params.json; paper Table 1",

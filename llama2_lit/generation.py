@@ -5,14 +5,14 @@ must be exact *and* fast:
 
 * **Exact.** Prompts are left-padded; the model's ``KVCache`` keeps padding masked forever and
   counts positions over real tokens only, so a row decodes exactly as it would alone. Sampling is
-  Meta's rule (``llama/generation.py``, spec section 10): ``softmax(logits / T)``, top-p keeps the
+  Meta's rule (``sample_top_p`` in ``llama/generation.py``): ``softmax(logits / T)``, top-p keeps the
   smallest prefix of the sorted distribution whose mass reaches ``top_p`` (the crossing token
   included), renormalises, samples; ``T == 0`` is greedy.
 * **Log-probs for PPO.** Every sampled token comes with ``log_softmax(logits / T)`` of that token
   over the *full* vocabulary: the policy's own distribution at temperature T, which is what PPO's
-  importance ratio and KL need (rlhf-anchors section 2, items 8-9, 12). Top-p truncation is a
+  importance ratio and KL penalty need (paper section 3.2.3, "PPO"). Top-p truncation is a
   sampling choice that this log-prob deliberately ignores, so **PPO rollouts must use
-  ``top_p=1.0``** (item 10), otherwise the samples do not come from the distribution the
+  ``top_p=1.0``**, otherwise the samples do not come from the distribution the
   log-probs describe. At ``T == 0`` (greedy) the log-probs are of the untempered distribution,
   ``log_softmax(logits)`` (T = 1). ``GenerationOutput.logprob_temperature`` records which, and
   ``sequence_logprobs`` recomputes the same numbers with one forward pass.
@@ -20,6 +20,8 @@ must be exact *and* fast:
   step), drawn up front on the CPU, and sampling is by inverse CDF (the same distribution as
   Meta's ``torch.multinomial``). Given a seed, results do not depend on the global RNG state or on
   the device; with per-row seeds a row samples the same tokens whatever else is in the batch.
+  ``SampleSeeds`` hands out such seeds for RL (several samples per prompt, round after round)
+  from a state of two integers that a checkpoint stores, so a resumed run draws the same samples.
 * **Fast.** The prompt is encoded once (one prefill pass, the LM head applied to its last position
   only); each decode step is one single-token forward pass plus a handful of tensor ops for
   sampling; outputs are preallocated; the host waits on the device only to ask "has every row
@@ -28,12 +30,9 @@ must be exact *and* fast:
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +40,7 @@ from torch import Tensor
 
 from llama2_lit.model import KVCache, Transformer
 
-# Meta's defaults for chat and text completion (spec section 10).
+# Meta's defaults for chat and text completion (``llama/generation.py`` and its example scripts).
 DEFAULT_TEMPERATURE = 0.6
 DEFAULT_TOP_P = 0.9
 
@@ -81,6 +80,8 @@ class GenerationOutput:
     """The top-p used for sampling (1.0 = pure sampling, what PPO needs)."""
     logprob_temperature: float
     """The temperature of the distribution ``logprobs`` are of: ``temperature``, or 1.0 when greedy."""
+    num_samples: int = 1
+    """Samples per prompt: rows ``i * num_samples ... (i + 1) * num_samples - 1`` answer prompt ``i``."""
 
     @property
     def batch_size(self) -> int:
@@ -193,16 +194,66 @@ def draw_uniforms(generator: Seed, batch_size: int, steps: int) -> Tensor:
     return torch.stack(rows)
 
 
+@dataclass
+class SampleSeeds:
+    """Per-sample seeds for sampling many prompts, several times each, round after round (RL).
+
+    The seed of sample ``j`` of the prompt named ``key`` in round ``round`` is a hash of
+    ``(seed, round, key, j)`` and of nothing else: not of the batch the prompt lands in, the batch
+    size, the device or rank that samples it, or what was sampled before. So the same prompt gets
+    the same samples however the work is split, and the whole state is two integers:
+    ``state_dict()`` goes into a checkpoint, ``load_state_dict()`` restores it, and a resumed run
+    draws exactly the samples the uninterrupted run would have. ``key`` is a stable name of the
+    prompt (its index in the prompt file, or its record id), never its position in a batch.
+
+        seeds = SampleSeeds(seed=0)
+        out = generate(model, batch, num_samples=4, generator=seeds(batch_keys, 4), ...)
+        seeds.next_round()  # the next iteration draws fresh samples of the same prompts
+    """
+
+    seed: int = 0
+    round: int = 0
+
+    def __call__(self, keys: Sequence[int | str], num_samples: int = 1) -> list[int]:
+        """One seed per (prompt, sample), prompt-major: the order of ``generate(num_samples=...)``'s rows."""
+        return [sample_seed(self.seed, self.round, key, sample) for key in keys for sample in range(num_samples)]
+
+    def next_round(self) -> None:
+        self.round += 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "round": self.round}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.seed, self.round = int(state["seed"]), int(state["round"])
+
+
+def sample_seed(seed: int, round: int, key: int | str, sample: int) -> int:
+    """A 63-bit seed that depends only on its arguments (BLAKE2b of their ``repr``, platform-independent)."""
+    digest = hashlib.blake2b(repr((int(seed), int(round), key, int(sample))).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 # ---------------------------------------------------------------------------------------- generate
-def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+Prompts = Sequence[Sequence[int]] | Tensor | Mapping[str, Tensor]
+
+
+def generate(model: Transformer, prompts: Prompts, *, max_new_tokens: int,
              temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P, eos_id: int | None,
              generator: Seed = None, stop_check_interval: int | None = None,
-             drop_finished: bool = True) -> GenerationOutput:
+             drop_finished: bool = True, attention_mask: Tensor | None = None,
+             num_samples: int = 1) -> GenerationOutput:
     """Sample continuations of a batch of prompts with the KV cache.
 
     Args:
         model: a ``Transformer`` with an LM head (its mode is left alone; the core has no dropout).
-        prompts: token ids per row (any lengths >= 1; BOS included by the caller).
+        prompts: the prompts (BOS included by the caller), any lengths >= 1, as one of
+            * token ids per prompt (lists);
+            * a padded (batch, seq) tensor of ids with ``attention_mask`` (1 on real tokens, one
+              contiguous run per row; left or right padding); no mask means every token is real;
+            * a batch mapping with ``input_ids`` and ``attention_mask``, as
+              ``llama2_lit.data.datamodules.PromptsDataModule`` yields it.
+            A row generates exactly what its prompt would alone (same seed), whatever the padding.
         max_new_tokens: the most tokens generated per row; prompt + response must fit the context.
         temperature: 0 for greedy decoding; otherwise logits are divided by it.
         top_p: Meta's nucleus rule (1.0 = pure sampling; use 1.0 for PPO rollouts).
@@ -215,6 +266,11 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
             of the cache each time a quarter of the remaining rows have finished), so ragged
             batches stop paying for rows that are done. False keeps computing them. The result is
             identical either way.
+        attention_mask: the padding mask of a tensor of ``prompts``.
+        num_samples: samples per prompt. The output has ``len(prompts) * num_samples`` rows, prompt
+            by prompt (rows ``i * num_samples`` to ``(i + 1) * num_samples - 1`` answer prompt
+            ``i``); per-row seeds (``generator``) are then one per sample, in that order
+            (``SampleSeeds`` makes them).
 
     Returns:
         A ``GenerationOutput``; its tensors live on the model's device and are ordinary tensors
@@ -225,8 +281,16 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
     _check_top_p(top_p)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    prompts = prompt_lists(prompts, attention_mask)
     if not prompts:
         raise ValueError("generate needs at least one prompt")
+    if num_samples > 1:
+        if isinstance(generator, Sequence) and len(generator) != len(prompts) * num_samples:
+            raise ValueError(f"got {len(generator)} per-row seeds for {len(prompts)} prompts x {num_samples} samples; "
+                             "pass one seed per sample (SampleSeeds makes them)")
+        prompts = [prompt for prompt in prompts for _ in range(num_samples)]
     vocab_size, context = model.config.vocab_size, model.config.max_seq_len
     for row, prompt in enumerate(prompts):
         if len(prompt) == 0:
@@ -250,7 +314,35 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], *, max_new_to
         out = _generate(model, prompts, max_new_tokens, temperature, top_p, eos_id, uniforms,
                         stop_check_interval, drop_finished, device, parameter.dtype)
     # Inference tensors cannot enter autograd later (PPO feeds these ids to a training forward).
-    return GenerationOutput(**{k: v.clone() if isinstance(v, Tensor) else v for k, v in out.items()})
+    return GenerationOutput(**{k: v.clone() if isinstance(v, Tensor) else v for k, v in out.items()},
+                            num_samples=num_samples)
+
+
+def prompt_lists(prompts: Prompts, attention_mask: Tensor | None = None) -> list[list[int]]:
+    """The prompts of ``generate`` as token-id lists, padding removed (see its ``prompts``)."""
+    if isinstance(prompts, Mapping):
+        if attention_mask is not None:
+            raise ValueError("pass the padding mask inside the batch or as attention_mask, not both")
+        if "input_ids" not in prompts:
+            raise ValueError(f"a batch of prompts needs 'input_ids' (and 'attention_mask'); got {sorted(prompts)}")
+        prompts, attention_mask = prompts["input_ids"], prompts.get("attention_mask")
+    if not isinstance(prompts, Tensor):
+        if attention_mask is not None:
+            raise ValueError("attention_mask goes with a padded tensor of prompts, not with lists of ids")
+        return [list(prompt) for prompt in prompts]
+    if prompts.dim() != 2:
+        raise ValueError(f"a tensor of prompts must be (batch, seq), got shape {tuple(prompts.shape)}")
+    ids = prompts.cpu()
+    real = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.cpu().bool()
+    if real.shape != ids.shape:
+        raise ValueError(f"attention_mask {tuple(real.shape)} and prompts {tuple(ids.shape)} differ in shape")
+    rows = []
+    for row, (row_ids, row_real) in enumerate(zip(ids, real)):
+        where = row_real.nonzero().squeeze(1)
+        if len(where) and int(where[-1] - where[0]) + 1 != len(where):
+            raise ValueError(f"row {row} of attention_mask has padding between real tokens")
+        rows.append(row_ids[where].tolist())
+    return rows
 
 
 def _generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
@@ -335,7 +427,7 @@ def _generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_toke
 # ---------------------------------------------------------------------------------------- scoring
 def sequence_logprobs(model: Transformer, input_ids: Tensor, attention_mask: Tensor | None = None, *,
                       response_mask: Tensor | None = None, prompt_lengths: Tensor | None = None,
-                      temperature: float = 1.0) -> Tensor:
+                      temperature: float = 1.0, return_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probs of given tokens with one forward pass: ``out[b, t] = log p_T(input_ids[b, t] | input_ids[b, :t])``.
 
     ``p_T = softmax(logits / temperature)`` over the full vocabulary: the distribution
@@ -349,6 +441,9 @@ def sequence_logprobs(model: Transformer, input_ids: Tensor, attention_mask: Ten
 
     ``attention_mask`` (batch, seq) marks real tokens (None = all real). Scoring position 0 is an
     error: it has no context.
+
+    ``return_entropy``: also return the entropy of ``p_T`` at each scored position (same layout),
+    from the same logits (PPO logs it).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (use 1.0 for greedy outputs), got {temperature}")
@@ -366,167 +461,18 @@ def sequence_logprobs(model: Transformer, input_ids: Tensor, attention_mask: Ten
         logits = logits / temperature
     targets = input_ids[:, 1:, None]
     # Gather then subtract logsumexp: never materialises a second (batch, seq, vocab) tensor.
-    token_logprobs = logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(dim=-1)
-    return F.pad(token_logprobs, (1, 0)).masked_fill(~scored, 0.0)
+    log_normalizer = logits.logsumexp(dim=-1)
+    token_logprobs = F.pad(logits.gather(-1, targets).squeeze(-1) - log_normalizer, (1, 0)).masked_fill(~scored, 0.0)
+    if not return_entropy:
+        return token_logprobs
+    from llama2_lit.rlhf.ppo import entropy_from_logits
+
+    with torch.no_grad():
+        entropy = entropy_from_logits(logits)
+    return token_logprobs, F.pad(entropy, (1, 0)).masked_fill(~scored, 0.0)
 
 
 # ---------------------------------------------------------------------------------------- helpers
 def _check_top_p(top_p: float) -> None:
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-
-
-# ---------------------------------------------------------------------------------------- command line
-def _common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", type=Path,
-                        help="our folder, a Meta or HF folder, or a stage's Lightning .ckpt")
-    parser.add_argument("--tokenizer", type=Path, default=None,
-                        help="SentencePiece model (default: CHECKPOINT/tokenizer.model)")
-    parser.add_argument("--system", default=None, help="system prompt (chat format)")
-    parser.add_argument("--max-new-tokens", type=int, default=256,
-                        help="most tokens generated per answer (default: %(default)s, capped by the context)")
-    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
-                        help="0 = greedy (default: %(default)s, Meta's)")
-    parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P,
-                        help="nucleus mass (default: %(default)s, Meta's)")
-    parser.add_argument("--seed", type=int, default=1, help="sampling seed (default: %(default)s, as Meta's examples)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="default: %(default)s")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                        help="weights and KV cache (logits and sampling are fp32 regardless)")
-
-
-def _load_for_generation(args: argparse.Namespace):
-    """The model and tokenizer named on the command line; clear errors for missing or mismatched files."""
-    from llama2_lit.checkpoints import load_model
-    from llama2_lit.tokenizer import Tokenizer
-
-    tokenizer_path = args.tokenizer
-    if tokenizer_path is None:
-        beside = args.checkpoint / "tokenizer.model"
-        if not beside.is_file():
-            raise SystemExit(f"error: {args.checkpoint} holds no tokenizer.model; pass --tokenizer PATH")
-        tokenizer_path = beside
-    tokenizer = Tokenizer(tokenizer_path)
-    model = load_model(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype)).eval()
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise SystemExit(f"error: the tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but the model "
-                         f"{args.checkpoint} only {model.config.vocab_size} (vocab_size); wrong tokenizer?")
-    if not 0 < args.top_p <= 1 or args.temperature < 0:
-        raise SystemExit(f"error: need --temperature >= 0 and 0 < --top-p <= 1, got {args.temperature}, {args.top_p}")
-    return model, tokenizer
-
-
-def _continuation(tokenizer, prompt: list[int], tokens: list[int]) -> str:
-    """The text that ``tokens`` add after ``prompt``. Decoding them alone would drop the space of a
-    leading ``▁word`` piece (SentencePiece strips it at the start of a decode)."""
-    prompt_text = tokenizer.decode(prompt)
-    full_text = tokenizer.decode(prompt + tokens)
-    return full_text[len(prompt_text):] if full_text.startswith(prompt_text) else tokenizer.decode(tokens)
-
-
-def generate_main(argv: list[str] | None = None) -> int:
-    """``llama2-lit generate CKPT --prompt TEXT [--prompt TEXT ...] [--chat] [--system TEXT] ...``
-
-    Plain prompts are encoded as Meta's ``text_completion`` does (BOS, no EOS) and printed followed
-    by their continuation; ``--chat`` makes each prompt one user turn (``chat_completion``; with
-    ``--system``) and prints the answer. ``--json`` prints one JSON object per prompt instead.
-    """
-    parser = argparse.ArgumentParser(prog="llama2-lit generate", description="Sample completions from a checkpoint.")
-    _common_arguments(parser)
-    parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
-    parser.add_argument("--chat", action="store_true", help="prompts are user turns in Llama 2's chat format")
-    parser.add_argument("--json", action="store_true",
-                        help="print JSON lines: prompt, completion, tokens, logprobs, eos")
-    args = parser.parse_args(argv)
-    if args.system is not None and not args.chat:
-        parser.error("--system needs --chat")
-    model, tokenizer = _load_for_generation(args)
-    if args.chat:
-        from llama2_lit.chat import ChatFormatError, encode_prompt
-
-        system = [{"role": "system", "content": args.system}] if args.system is not None else []
-        try:
-            prompts = [encode_prompt(tokenizer, system + [{"role": "user", "content": p}]) for p in args.prompt]
-        except ChatFormatError as error:
-            raise SystemExit(f"error: {error}") from None
-    else:
-        prompts = [tokenizer.encode(p, bos=True, eos=False) for p in args.prompt]
-    room = model.config.max_seq_len - max(map(len, prompts))
-    if room < 1:
-        raise SystemExit(f"error: a prompt of {max(map(len, prompts))} tokens fills the context of "
-                         f"{model.config.max_seq_len} tokens")
-    if args.max_new_tokens > room:
-        print(f"note: --max-new-tokens {args.max_new_tokens} capped at {room} by the context", file=sys.stderr)
-    out = generate(model, prompts, max_new_tokens=min(args.max_new_tokens, room), temperature=args.temperature,
-                   top_p=args.top_p, eos_id=tokenizer.eos_id, generator=args.seed)
-    for row, (text, tokens) in enumerate(zip(args.prompt, out.response_tokens())):
-        completion = tokenizer.decode(tokens) if args.chat else _continuation(tokenizer, prompts[row], tokens)
-        if args.json:
-            length = int(out.response_lengths[row])
-            print(json.dumps({"prompt": text, "completion": completion, "tokens": tokens,
-                              "logprobs": [round(x, 6) for x in out.logprobs[row, :length].tolist()],
-                              "eos": bool(out.eos_emitted[row])}, ensure_ascii=False))
-        else:
-            if row:
-                print("\n" + "-" * 40)
-            print(completion if args.chat else text + completion)
-    return 0
-
-
-def chat_main(argv: list[str] | None = None) -> int:
-    """``llama2-lit chat CKPT [--tokenizer PATH] [--system TEXT] ...``: a multi-turn chat on stdin/stdout.
-
-    Each line read is a user turn; each answer is printed on stdout followed by a newline, and
-    nothing else goes to stdout (prompts and notes go to stderr), so piped input gives exactly the
-    answers. ``/reset`` starts a
-    new dialog, ``/exit`` or end of input quits. When the dialog outgrows the context, its earliest
-    exchanges are dropped (the system prompt is kept), as ``chat.encode_prompt`` does.
-    """
-    from llama2_lit.chat import ChatFormatError, encode_prompt
-
-    parser = argparse.ArgumentParser(
-        prog="llama2-lit chat", description="Chat with a checkpoint in the Llama 2 chat format (one line = one "
-        "user turn; /reset starts a new dialog; /exit or end of input quits).")
-    _common_arguments(parser)
-    args = parser.parse_args(argv)
-    model, tokenizer = _load_for_generation(args)
-    context = model.config.max_seq_len
-    # Earliest exchanges are dropped to leave the answer this much room (at most half the context).
-    answer_room = max(1, min(args.max_new_tokens, context // 2))
-    system = [{"role": "system", "content": args.system}] if args.system is not None else []
-    generator = torch.Generator().manual_seed(args.seed)  # one stream for the session: fresh samples each turn
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print("Chat with the model. /reset starts a new dialog, /exit (or Ctrl-D) quits.", file=sys.stderr)
-    dialog: list[dict[str, str]] = []
-    while True:
-        if interactive:
-            print("you> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line:
-            break
-        user = line.strip()
-        if not user:
-            continue
-        if user == "/exit":
-            break
-        if user == "/reset":
-            dialog = []
-            print("(new dialog)", file=sys.stderr)
-            continue
-        messages = system + dialog + [{"role": "user", "content": user}]
-        try:
-            prompt = encode_prompt(tokenizer, messages, max_len=context - answer_room)
-        except ChatFormatError as error:  # special tags in the text, or a turn longer than the context
-            print(f"error: {error}", file=sys.stderr)
-            continue
-        max_new_tokens = min(args.max_new_tokens, context - len(prompt))
-        out = generate(model, [prompt], max_new_tokens=max_new_tokens, temperature=args.temperature,
-                       top_p=args.top_p, eos_id=tokenizer.eos_id, generator=generator)
-        answer = tokenizer.decode(out.response_tokens()[0])
-        print(answer, flush=True)
-        if not bool(out.eos_emitted[0]):
-            print(f"(answer cut at {max_new_tokens} tokens)", file=sys.stderr)
-        dialog += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-    return 0

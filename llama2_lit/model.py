@@ -4,7 +4,7 @@ Every stage of the recipe runs on this module: pretraining and SFT use the langu
 reward and value models use the scalar head (paper section 3.2.2: "the classification head for
 next-token prediction is replaced with a regression head for outputting a scalar reward").
 
-Architecture (paper section 2.2 and Meta's ``llama/model.py``; spec section 1.2):
+Architecture (paper section 2.2 and Meta's ``llama/model.py``):
 pre-norm residual blocks ``h = x + Attention(RMSNorm(x)); out = h + FeedForward(RMSNorm(h))``,
 RMSNorm computed in fp32, rotary position embeddings on queries and keys, grouped-query attention
 (paper A.2.1), a SwiGLU feed-forward, a final RMSNorm and an untied output projection. No biases,
@@ -14,7 +14,7 @@ Parameter names are Meta's (``tok_embeddings``, ``layers.{i}.attention.wq``, ``f
 ``attention_norm``, ``ffn_norm``, ``norm``, ``output``), so our state dict *is* a Meta consolidated
 checkpoint. RoPE uses Meta's convention: dimensions ``(2i, 2i+1)`` of each head form a rotating
 pair (a complex number). Hugging Face rotates the pairs ``(i, i + head_dim/2)`` instead, and
-permutes the rows of ``wq``/``wk`` to match; ``checkpoints.py`` converts at that boundary.
+permutes the rows of ``wq``/``wk`` to match; ``llama2_lit.checkpoints`` converts at that boundary.
 
 Sharding (FSDP), activation checkpointing and mixed precision are applied from outside by
 ``llama2_lit.parallelize``; this file only describes the math.
@@ -40,6 +40,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:  # the same numbers without two no-op casts (decoding counts ops)
+            return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return normed.type_as(x) * self.weight
 
@@ -67,17 +69,21 @@ def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
         cos, sin = freqs_cis.real, freqs_cis.imag
         rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
         return rotated.flatten(-2).type_as(x)
-    x_complex = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(x_complex * freqs_cis).flatten(-2).type_as(x)
+    if x.dtype != torch.float32:
+        return apply_rotary_emb(x.float(), freqs_cis).type_as(x)
+    x_complex = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+    return torch.view_as_real(x_complex * freqs_cis).flatten(-2)
 
 
 class KVCache:
-    """Preallocated keys and values for incremental decoding (spec 1.5: Meta preallocates too).
+    """Preallocated keys and values for incremental decoding (Meta's ``llama/model.py`` preallocates its cache too).
 
     Layout per layer is (batch, n_kv_heads, max_seq_len, head_dim), the layout attention reads.
     The cache also remembers which slots hold real tokens (``key_mask``: left padding stays
     masked forever) and how many real tokens each row has seen (``n_real``), which is the next
     position id of that row. ``length`` is the number of slots filled, the same for every row.
+    ``has_padding`` says whether any slot was written with a padding mask; while it is False,
+    single-token decoding needs no attention mask at all (the query sees every filled slot).
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_seq_len: int | None = None, *,
@@ -89,6 +95,7 @@ class KVCache:
         self.key_mask = torch.zeros(batch_size, max_seq_len, device=device, dtype=torch.bool)
         self.n_real = torch.zeros(batch_size, device=device, dtype=torch.long)
         self.length = 0
+        self.has_padding = False
 
     @property
     def batch_size(self) -> int:
@@ -126,12 +133,14 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             start, end = cache.length, cache.length + seq
-            cache.keys[layer_id, :, :, start:end] = k
-            cache.values[layer_id, :, :, start:end] = v
-            k, v = cache.keys[layer_id, :, :, :end], cache.values[layer_id, :, :, :end]
-        # Query head h reads KV head h // n_rep (Meta's repeat_kv == SDPA's enable_gqa).
+            keys, values = cache.keys[layer_id], cache.values[layer_id]
+            keys[:, :, start:end] = k
+            values[:, :, start:end] = v
+            k, v = keys[:, :, :end], values[:, :, :end]
+        # Query head h reads KV head h // n_rep (Meta's repeat_kv == SDPA's enable_gqa). Without a
+        # mask, several queries are causal; a single one (a decoding step) sees every key.
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads
+            q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1, enable_gqa=self.n_heads != self.n_kv_heads
         )
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
@@ -215,7 +224,13 @@ class Transformer(nn.Module):
         if self.output is not None:
             nn.init.normal_(self.output.weight, std=std)
         if self.score is not None:
-            nn.init.normal_(self.score.weight, std=1.0 / math.sqrt(self.config.dim + 1))
+            self.reset_score_head()
+
+    @torch.no_grad()
+    def reset_score_head(self) -> None:
+        """A fresh scalar head: N(0, 1/sqrt(dim + 1)), so initial rewards are O(1). Also used when a
+        reward model starts from an SFT checkpoint, which has no ``score`` (paper section 3.2.2)."""
+        nn.init.normal_(self.score.weight, std=1.0 / math.sqrt(self.config.dim + 1))
 
     # ------------------------------------------------------------------------------ forward
     def freqs_cis(self, device: torch.device) -> Tensor:
@@ -246,6 +261,8 @@ class Transformer(nn.Module):
         limit = self.config.max_seq_len if cache is None else min(cache.max_seq_len, self.config.max_seq_len)
         if past + seq > limit:
             raise ValueError(f"sequence of {past + seq} tokens exceeds the context length of {limit}")
+        if cache is not None and seq == 1 and attention_mask is None and position_ids is None:
+            return self._decode_step(tokens, cache)
         padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         if position_ids is None:
             position_ids = self._default_positions(batch, seq, padding_mask, cache, tokens.device)
@@ -255,6 +272,8 @@ class Transformer(nn.Module):
         else:
             freqs = freqs[position_ids].unsqueeze(2)
         mask = self._attention_mask(batch, seq, attention_mask, cache, tokens.device)
+        if cache is not None and attention_mask is not None:
+            cache.has_padding = True
         if cache is not None and padding_mask is not None:
             cache.n_real += padding_mask.sum(-1).to(torch.long)
         elif cache is not None:
@@ -265,6 +284,22 @@ class Transformer(nn.Module):
             h = layer(h, freqs, mask, cache)
         if cache is not None:
             cache.length += seq
+        return self.norm(h)
+
+    def _decode_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
+        """``hidden_states`` of one new real token per row after ``cache``: the same numbers as the
+        general path, with the fewest operators (a decoding step is ~60 small kernels per layer,
+        so their count, not the matmuls, sets the speed of small models)."""
+        past = cache.length
+        freqs = self.freqs_cis(tokens.device)[cache.n_real][:, None, None, :]  # each row's next position
+        cache.key_mask[:, past] = True
+        # Only padding needs a mask: the slots [0, past] are exactly the keys a new token may see.
+        mask = cache.key_mask[:, None, None, :past + 1] if cache.has_padding else None
+        cache.n_real += 1
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, freqs, mask, cache)
+        cache.length += 1
         return self.norm(h)
 
     def forward(self, tokens: Tensor, *, attention_mask: Tensor | None = None,
@@ -291,7 +326,11 @@ class Transformer(nn.Module):
         """
         if self.score is None:
             raise RuntimeError("this Transformer has no scalar head (built with scalar_head=False)")
-        h = self.hidden_states(tokens, attention_mask=attention_mask)
+        # Right padding only (every row's real tokens come first): causal attention never looks
+        # right and positions count from 0 either way, so the real tokens need no mask (and keep
+        # SDPA's fused causal kernel).
+        right_padded = attention_mask is not None and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+        h = self.hidden_states(tokens, attention_mask=None if right_padded else attention_mask)
         last = last_token_index(attention_mask) if attention_mask is not None else \
             torch.full((tokens.shape[0],), tokens.shape[1] - 1, device=tokens.device)
         h_last = h[torch.arange(tokens.shape[0], device=tokens.device), last]

@@ -28,7 +28,6 @@ directory into one ``.ckpt`` that ``llama2-lit convert`` and ``init_from`` read.
 
 from __future__ import annotations
 
-import argparse
 import os
 import warnings
 from pathlib import Path
@@ -169,7 +168,7 @@ def load_sharded_checkpoint(path: str | Path) -> dict[str, Any]:
         dcp.load(state, storage_reader=reader, no_dist=True)
     metadata_file = path / _METADATA_FILENAME
     metadata = torch.load(metadata_file, map_location="cpu", weights_only=True) if metadata_file.is_file() else {}
-    keep = ("model_config", "tokenizer_path", "global_step", "epoch", "hyper_parameters", "pytorch-lightning_version")
+    keep = ("model_config", "model_configs", "tokenizer_path", "global_step", "epoch", "hyper_parameters", "pytorch-lightning_version")
     checkpoint = {key: metadata[key] for key in keep if key in metadata}
     checkpoint["state_dict"] = state["state_dict"]
     return checkpoint
@@ -184,26 +183,3 @@ def consolidate_checkpoint(src: str | Path, dst: str | Path) -> Path:
     torch.save(checkpoint, partial)
     os.replace(partial, dst)
     return dst
-
-
-def consolidate_main(argv: list[str] | None = None) -> int:
-    """``llama2-lit consolidate SRC_DIR DST.ckpt``: merge a sharded checkpoint into one file."""
-    parser = argparse.ArgumentParser(
-        prog="llama2-lit consolidate",
-        description="Merge a sharded (FSDP2/DCP) Lightning checkpoint directory into one .ckpt file "
-                    "(model weights + config) that `llama2-lit convert` and `init_from` read.",
-    )
-    parser.add_argument("src", type=Path,
-                        help="sharded checkpoint directory (e.g. runs/pretrain-nano/checkpoints/last.ckpt)")
-    parser.add_argument("dst", type=Path, help="output .ckpt file")
-    args = parser.parse_args(argv)
-    try:
-        out = consolidate_checkpoint(args.src, args.dst)
-    except (FileNotFoundError, ValueError) as error:
-        parser.exit(2, f"error: {error}\n")
-    print(out)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(consolidate_main())

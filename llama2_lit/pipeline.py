@@ -1,4 +1,4 @@
-"""The recipe end to end on the toy world: ``make demo`` (``python -m llama2_lit.pipeline``).
+"""The recipe end to end on the toy world: ``make demo`` (``llama2-lit demo``).
 
 Stages run in order, each from the YAML config a practitioner would use
 (``configs/<size>/<stage>.yaml``) through the same ``llama2-lit fit`` command, and each writes its
@@ -27,7 +27,6 @@ The evaluation suites (``evaluate``):
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shutil
@@ -188,21 +187,19 @@ def write_report(out: Path, size: str, evaluation: dict[str, Any], unigram: floa
     return report
 
 
-# ------------------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llama2_lit.pipeline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="micro", help="configs/<size>/ to use (micro: the demo; nano: seconds)")
-    parser.add_argument("--out", default="runs/demo", help="where the runs and the report go")
-    parser.add_argument("--fresh", action="store_true", help="delete --out first and train everything again")
-    parser.add_argument("--eval-prompts", type=int, default=100, help="prompts per evaluation suite")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    for stage in STAGES:
-        parser.add_argument(f"--{stage}-args", default="",
-                            help=f"extra `llama2-lit fit` arguments for {stage}, e.g. '--trainer.max_steps 50'")
-    args = parser.parse_args(argv)
+# ------------------------------------------------------------------------------------- all stages
+def run_pipeline(size: str = "micro", out: str | Path = "runs/demo", *, fresh: bool = False, eval_prompts: int = 100,
+                 max_new_tokens: int = 64, stage_args: dict[str, list[str]] | None = None) -> Path:
+    """Every stage in order, then the evaluation and the report (``OUT/report.md``, returned).
 
-    out = Path(args.out)
-    if args.fresh and out.exists():
+    ``stage_args`` adds ``llama2-lit fit`` arguments per stage (``{"pretrain": ["--trainer.max_steps", "50"]}``);
+    ``fresh`` deletes ``out`` first and trains everything again.
+    """
+    stage_args = stage_args or {}
+    if unknown := sorted(set(stage_args) - set(STAGES)):
+        raise ValueError(f"stage_args for unknown stages {unknown}; the stages are {list(STAGES)}")
+    out = Path(out)
+    if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -214,19 +211,18 @@ def main(argv: list[str] | None = None) -> int:
     seconds["world"] = time.time() - start
     checkpoints = {}
     for stage in STAGES:
-        checkpoints[stage], seconds[stage] = run_stage(stage, args.size, out, getattr(args, f"{stage}_args").split())
+        checkpoints[stage], seconds[stage] = run_stage(stage, size, out, stage_args.get(stage, []))
 
     start = time.time()
-    unigram = pretraining_baseline(args.size)
-    suites = evaluation_suites(world, args.eval_prompts)
+    unigram = pretraining_baseline(size)
+    suites = evaluation_suites(world, eval_prompts)
     evaluation = evaluate_models({"pretrained": checkpoints["pretrain"], "sft": checkpoints["sft"]}, suites,
-                                 tokenizer_path, args.max_new_tokens)
+                                 tokenizer_path, max_new_tokens)
     seconds["evaluate"] = time.time() - start
-    report = write_report(out, args.size, evaluation, unigram, suites, seconds)
-    print(f"\nreport: {report}\n")
-    print(report.read_text())
-    return 0
+    return write_report(out, size, evaluation, unigram, suites, seconds)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # ``python -m llama2_lit.pipeline ...`` = ``llama2-lit demo ...``
+    from llama2_lit.cli import main
+
+    main(["demo", *sys.argv[1:]])

@@ -10,7 +10,6 @@ per run. ``load_runs``/``runs_table``/``plot_runs`` do the same in a notebook.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -135,27 +134,3 @@ def plot_runs(runs: Sequence[Run], metrics: Sequence[str], out: str | Path | Non
         figure.savefig(out, dpi=120)
         plt.close(figure)
     return figure
-
-
-def runs_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llama2-lit runs", description=__doc__.split("\n\n")[0])
-    parser.add_argument("dirs", nargs="+", type=Path, help="run directories (runs/<stage>-<size>) or metrics.csv files")
-    parser.add_argument("--metric", action="append", dest="metrics",
-                        help=f"metric to show (repeatable); default: those of {list(DEFAULT_METRICS)} present")
-    parser.add_argument("--plot", type=Path, help="also plot the metrics against the step into this image file")
-    args = parser.parse_args(argv)
-    try:
-        runs = load_runs(args.dirs)
-    except (FileNotFoundError, ValueError) as error:
-        parser.exit(2, f"llama2-lit runs: error: {error}\n")
-    metrics = args.metrics
-    print(runs_table(runs, metrics))
-    if args.plot is not None:
-        if metrics is None:
-            present = {metric for run in runs for metric in run.series}
-            metrics = [metric for metric in DEFAULT_METRICS if metric in present]
-        if not metrics:
-            parser.exit(2, "llama2-lit runs: error: no metrics to plot\n")
-        plot_runs(runs, metrics, args.plot)
-        print(f"plot: {args.plot}")
-    return 0

@@ -1,4 +1,4 @@
-"""SentencePiece tokenizer with Llama 2's conventions (spec section 2, paper section 2.2).
+"""SentencePiece tokenizer with Llama 2's conventions (paper section 2.2, "Tokenizer"; Meta's ``llama/tokenizer.py``).
 
 Meta's wrapper: ``encode(s, bos, eos) = [BOS]*bos + sp.encode(s) + [EOS]*eos``; unk/bos/eos are
 0/1/2 and there is **no pad id** (``pad_id == -1``). Padding is therefore never a token value in
@@ -29,13 +29,10 @@ decodes as a space.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import random
 import re
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from io import BytesIO
@@ -47,7 +44,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Llama 2's trainer settings, as stored in Meta's tokenizer.model (spec section 2). The vocabulary
+# Llama 2's trainer settings, as stored in the trainer_spec of Meta's tokenizer.model. The vocabulary
 # size is left to the caller.
 LLAMA2_TRAINER_SPEC: dict[str, object] = dict(
     model_type="bpe",
@@ -344,7 +341,7 @@ def _describe(paths: Sequence[Path], corpus_name: str | None) -> str:
     return f"[{shown}{', ...' if len(paths) > 3 else ''}]"
 
 
-def _train(
+def train_tokenizer_with_stats(
     inputs: str | Path | Sequence[str | Path] | None,
     out_path: str | Path,
     vocab_size: int,
@@ -355,6 +352,7 @@ def _train(
     seed: int,
     **overrides: object,
 ) -> tuple[Path, CorpusStats]:
+    """``train_tokenizer`` that also returns what was read (``CorpusStats``: lines, bytes, skipped)."""
     if (inputs is None) == (texts is None):
         raise ValueError("give exactly one of `inputs` (text files) and `texts` (strings)")
     if not isinstance(vocab_size, int) or vocab_size <= 0:
@@ -436,7 +434,7 @@ def train_tokenizer(
     Raises ``VocabSizeError`` when the corpus cannot support ``vocab_size`` (the message gives the
     largest, or smallest, feasible size); on any error nothing is written at ``out_path``.
     """
-    path, _ = _train(
+    path, _ = train_tokenizer_with_stats(
         inputs,
         out_path,
         vocab_size,
@@ -447,135 +445,3 @@ def train_tokenizer(
         **overrides,
     )
     return path
-
-
-# ------------------------------------------------------------------------------------------------
-# Command line
-
-
-def tokenizer_main(argv: list[str] | None = None) -> int:
-    """``llama2-lit tokenizer train (--input FILE [FILE...] | --dataset PATH --column NAME)
-    --vocab-size N --out PATH.model``"""
-    parser = argparse.ArgumentParser(
-        prog="llama2-lit tokenizer", description="SentencePiece tokenizers with Llama 2's settings"
-    )
-    verbs = parser.add_subparsers(dest="verb", required=True)
-    train = verbs.add_parser("train", help="train a BPE tokenizer with Llama 2's settings (spec section 2)")
-    source = train.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", nargs="+", type=Path, metavar="FILE", help="UTF-8 text files, one sentence per line")
-    source.add_argument(
-        "--dataset", metavar="PATH", help="a dataset file/folder (json, jsonl, parquet, csv, save_to_disk) or hub id"
-    )
-    train.add_argument("--column", help="text column of --dataset")
-    train.add_argument("--split", default="train", help="split of --dataset (default: train)")
-    train.add_argument(
-        "--vocab-size", type=int, required=True, help="e.g. 4096 for the course models, 32000 for Meta's"
-    )
-    train.add_argument("--out", type=Path, required=True, metavar="PATH.model")
-    train.add_argument(
-        "--num-threads", type=int, default=DEFAULT_NUM_THREADS, help="recorded in the file; does not change the pieces"
-    )
-    args = parser.parse_args(argv)
-
-    if args.dataset is not None and not args.column:
-        parser.error("--dataset needs --column")
-    try:
-        if args.dataset is not None:
-            texts = dataset_column_texts(args.dataset, args.column, split=args.split)
-            name = f"{args.dataset} (column {args.column!r}, split {args.split!r})"
-            out, stats = _train(
-                None, args.out, args.vocab_size, texts=texts, corpus_name=name, num_threads=args.num_threads, seed=0
-            )
-        else:
-            out, stats = _train(
-                args.input,
-                args.out,
-                args.vocab_size,
-                texts=None,
-                corpus_name=None,
-                num_threads=args.num_threads,
-                seed=0,
-            )
-    except (ValueError, FileNotFoundError) as error:
-        print(f"llama2-lit tokenizer: error: {error}", file=sys.stderr)
-        return 2
-    skipped = f", skipped {stats.skipped_too_long} over-long lines" if stats.skipped_too_long else ""
-    if stats.sampled_from > stats.sentences:
-        skipped += f", sampled from {stats.sampled_from} lines"
-    print(
-        f"wrote {out}: {Tokenizer(out).vocab_size} pieces from {stats.sentences} lines ({stats.bytes} bytes{skipped})"
-    )
-    return 0
-
-
-def _read_input(value: str, *, literal: bool) -> str:
-    if value == "-":
-        return sys.stdin.read()
-    if not literal and Path(value).is_file():
-        return Path(value).read_text(encoding="utf-8")
-    return value
-
-
-def _json_lines(record: dict[str, object]) -> str:
-    # One key per line, lists kept on one line: readable for long token lists.
-    body = ",\n".join(f"  {json.dumps(key)}: {json.dumps(value, ensure_ascii=False)}" for key, value in record.items())
-    return "{\n" + body + "\n}"
-
-
-def tokenize_main(argv: list[str] | None = None) -> int:
-    """``llama2-lit tokenize --tokenizer MODEL [--chat] INPUT``: ids and pieces as JSON.
-
-    INPUT is text, a path to a file, or ``-`` for stdin. With ``--chat`` it is a dialog: a JSON
-    list of ``{"role", "content"}`` messages (or a chat record ``{"messages": [...]}``), encoded in
-    Meta's chat format; a dialog that ends with a user turn is shown as a generation prompt, one
-    that ends with an assistant turn as a training example with its loss mask.
-    """
-    parser = argparse.ArgumentParser(prog="llama2-lit tokenize", description=tokenize_main.__doc__.split("\n")[0])
-    parser.add_argument("--tokenizer", required=True, type=Path, metavar="MODEL", help="a SentencePiece .model file")
-    parser.add_argument("--chat", action="store_true", help="INPUT is a dialog (JSON list of messages)")
-    parser.add_argument("--text", action="store_true", help="INPUT is literal text even if a file of that name exists")
-    parser.add_argument(
-        "--no-bos", dest="bos", action="store_false", help="plain text: no BOS (default: BOS, as text completion)"
-    )
-    parser.add_argument("--eos", action="store_true", help="plain text: append EOS")
-    parser.add_argument("--loss-on", choices=("all_assistant", "last_assistant"), default="all_assistant")
-    parser.add_argument("--max-len", type=int, default=None, help="chat: context length (drops earliest exchanges)")
-    parser.add_argument("input", metavar="INPUT", help="text, a file path, or - for stdin")
-    args = parser.parse_args(argv)
-
-    from llama2_lit import chat  # chat imports this module; import lazily
-
-    try:
-        tokenizer = Tokenizer(args.tokenizer)
-        raw = _read_input(args.input, literal=args.text)
-        if not args.chat:
-            ids = tokenizer.encode(raw, bos=args.bos, eos=args.eos)
-            record: dict[str, object] = {"num_tokens": len(ids), "ids": ids, "pieces": tokenizer.pieces(ids)}
-        else:
-            try:
-                messages = json.loads(raw)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"--chat input is not JSON ({error}); expected a list of messages") from None
-            if isinstance(messages, dict) and "messages" in messages:
-                messages = messages["messages"]
-            if (
-                isinstance(messages, list)
-                and messages
-                and isinstance(messages[-1], dict)
-                and messages[-1].get("role") == "user"
-            ):
-                ids = chat.encode_prompt(tokenizer, messages, max_len=args.max_len)
-                record = {"kind": "prompt", "num_tokens": len(ids), "ids": ids, "pieces": tokenizer.pieces(ids)}
-                record["loss_mask"] = [0] * len(ids)
-            else:
-                encoded = chat.encode_dialog(tokenizer, messages, loss_on=args.loss_on, max_len=args.max_len)
-                record = {"kind": "dialog", "num_tokens": len(encoded.ids), "ids": encoded.ids}
-                record["pieces"] = tokenizer.pieces(encoded.ids)
-                record["loss_mask"] = encoded.loss_mask
-                record["dropped_exchanges"] = encoded.dropped_exchanges
-                record["boundary_merges"] = encoded.boundary_merges
-    except (ValueError, FileNotFoundError, TypeError) as error:
-        print(f"llama2-lit tokenize: error: {error}", file=sys.stderr)
-        return 2
-    print(_json_lines(record))
-    return 0

@@ -1,4 +1,4 @@
-"""Chat format: Meta's token ids exactly (spec section 10), loss masks token by token, validation,
+"""Chat format: Meta's token ids exactly (``llama/generation.py``), loss masks token by token, validation,
 the long-dialog policy, and the tokenize CLI on dialogs."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def msg(role: str, content: str) -> dict[str, str]:
 SPEC_DIALOG = [msg("system", SYSTEM), msg("user", USER_1), msg("assistant", ANSWER_1)]
 
 
-# -- the oracle: Meta's chat_completion token loop, written from spec section 10 literally --------
+# -- the oracle: Meta's chat_completion token loop, written from llama/generation.py literally -------
 
 
 def meta_chat_tokens(tokenizer: Tokenizer, dialog: list[dict[str, str]]) -> list[int]:
@@ -82,7 +82,7 @@ def oracle_loss_mask(tokenizer: Tokenizer, dialog: list[dict[str, str]], *, last
     return mask
 
 
-# -- Meta's ids (spec section 10) ------------------------------------------------------------------
+# -- Meta's ids (real tokenizer) -------------------------------------------------------------------
 
 
 def test_spec_single_turn_with_system(meta_tokenizer_path: Path) -> None:

@@ -1,7 +1,7 @@
 """Checkpoint interop: Meta shards, HF folders, our format and Lightning .ckpt, exactly and safely.
 
 Every checkpoint here is built by the test itself: a tiny model's state dict split into Meta's
-model-parallel shards along the dimensions of spec section 1.4 (written down again below, on
+model-parallel shards along the dimensions of Meta's ``llama/model.py`` (written down again below, on
 purpose, rather than imported from the code under test), or saved by transformers itself.
 """
 
@@ -25,7 +25,7 @@ from llama2_lit.config import ModelConfig
 from llama2_lit.model import Transformer
 from llama2_lit.tokenizer import Tokenizer
 
-# Spec section 1.4: how Meta's model-parallel ranks split each tensor (None = replicated).
+# Meta's llama/model.py: how its model-parallel ranks split each tensor (None = replicated).
 META_SPLIT_DIM = {
     "tok_embeddings.weight": 1, "attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0,
     "attention.wo.weight": 1, "feed_forward.w1.weight": 0, "feed_forward.w3.weight": 0,
@@ -438,13 +438,13 @@ def test_cli_convert_meta_to_ours_to_hf(tmp_path, capsys):
 def test_cli_failure_writes_nothing_and_existing_output_needs_overwrite(tmp_path, capsys):
     config = tiny_config()
     meta = write_meta_checkpoint(tmp_path / "meta", Transformer(config).state_dict(), 2, meta_params(config, n_layers=3))
-    assert run_cli(["convert", str(meta), str(tmp_path / "out")]) == 1
+    assert run_cli(["convert", str(meta), str(tmp_path / "out")]) == 2
     assert "missing tensor 'layers.2." in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and nothing_left_behind(tmp_path) == []
 
     (meta / "params.json").write_text(json.dumps(meta_params(config)))
     assert run_cli(["convert", str(meta), str(tmp_path / "out")]) == 0
-    assert run_cli(["convert", str(meta), str(tmp_path / "out")]) == 1
+    assert run_cli(["convert", str(meta), str(tmp_path / "out")]) == 2
     assert "already exists" in capsys.readouterr().err
     assert run_cli(["convert", str(meta), str(tmp_path / "out"), "--to", "hf", "--overwrite"]) == 0
     assert detect_format(tmp_path / "out") == "hf" and nothing_left_behind(tmp_path) == []

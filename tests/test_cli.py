@@ -13,7 +13,10 @@ import pytest
 import torch
 import yaml
 
-from llama2_lit.runs import load_run, runs_main
+from llama2_lit.cli import main as cli_main
+from llama2_lit.cli.runs import runs_main
+from llama2_lit.runs import load_run
+from llama2_lit.stages.callbacks import CheckpointSaveInterrupted
 from llama2_lit.stages.cli import lightning_main
 from llama2_lit.stages.toy_world import TOKENIZER_PATH, ensure_toy_assets
 
@@ -31,10 +34,14 @@ def steps_of(path: Path, metric: str) -> list[int]:
     return [int(row["step"]) for row in rows(path) if row["metric"] == metric]
 
 
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {int(row["step"]): float(row["value"]) for row in rows(run_dir / "metrics.csv") if row["metric"] == "train/loss"}
+
+
 # ------------------------------------------------------------------------------------ configs
 def test_there_are_configs_for_every_size_and_stage():
     names = {str(path.relative_to(REPO_ROOT / "configs")) for path in CONFIGS}
-    stages = ("pretrain", "sft", "rejection_sampling")
+    stages = ("pretrain", "sft", "reward_helpfulness", "reward_safety", "rejection_sampling")
     assert {f"{size}/{stage}.yaml" for size in ("nano", "micro", "llama2-7b") for stage in stages} <= names
 
 
@@ -44,7 +51,8 @@ def test_every_config_validates(config, capsys):
         lightning_main(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["class_path"] in ("llama2_lit.stages.PretrainModule", "llama2_lit.stages.SFTModule")
+    assert printed["model"]["class_path"] in ("llama2_lit.stages.PretrainModule", "llama2_lit.stages.SFTModule",
+                                              "llama2_lit.stages.RewardModule")
     assert printed["data"]["class_path"].startswith("llama2_lit.data.datamodules.")
     assert printed["checkpoint"]["save_last"] is True
 
@@ -72,6 +80,33 @@ def test_llama2_7b_configs_carry_the_papers_hyperparameters():
         model, data, trainer = sft["model"]["init_args"], sft["data"]["init_args"], sft["trainer"]
         assert (model["lr"], model["weight_decay"], trainer["max_epochs"], data["max_seq_len"]) == (2e-5, 0.1, 2, 4096)
         assert data["batch_size"] * trainer["accumulate_grad_batches"] * trainer["devices"] == 64  # 3.1
+
+    for kind in ("helpfulness", "safety"):  # reward models, 3.2.2
+        reward = yaml.safe_load((REPO_ROOT / "configs" / "llama2-7b" / f"reward_{kind}.yaml").read_text())
+        model, data, trainer = reward["model"]["init_args"], reward["data"]["init_args"], reward["trainer"]
+        assert (model["lr"], model["min_lr_ratio"], model["warmup_fraction"], model["min_warmup_steps"]) == \
+            (1e-5, 0.1, 0.03, 5)
+        assert data["batch_size"] * trainer["accumulate_grad_batches"] * trainer["devices"] == 512  # pairs
+        assert trainer["max_epochs"] == 1 and trainer["strategy"]["init_args"]["param_dtype"] == "bfloat16"
+        assert model["safety_aux_weight"] == (1.0 if kind == "safety" else 0.0)
+
+
+def test_reward_model_configs_mix_the_data_as_the_paper():
+    """Helpfulness RM: all helpfulness pairs + the safety pairs; safety RM: safety + 10% helpfulness (3.2.2)."""
+    from llama2_lit.data.datamodules import mix_sources
+    from llama2_lit.data.world import SIZES
+
+    for size in ("nano", "micro"):
+        helpful = yaml.safe_load((REPO_ROOT / "configs" / size / "reward_helpfulness.yaml").read_text())["data"]
+        assert helpful["init_args"]["train_files"][0].endswith("preference_helpful_train.jsonl")
+        assert helpful["init_args"]["train_weights"] == [1.0, 1.0]
+        safety = yaml.safe_load((REPO_ROOT / "configs" / size / "reward_safety.yaml").read_text())["data"]
+        files, weights = safety["init_args"]["train_files"], safety["init_args"]["train_weights"]
+        assert files[0].endswith("preference_safety_train.jsonl") and files[1].endswith("preference_helpful_train.jsonl")
+        world = SIZES["default"]  # the world the configs train on
+        mixed = mix_sources([["s"] * world.preference_safety_train, ["h"] * world.preference_helpful_train],
+                            weights, seed=0)
+        assert mixed.count("h") / len(mixed) == pytest.approx(0.10, abs=0.001)
 
 
 # ------------------------------------------------------------------------------------ nano runs
@@ -147,6 +182,44 @@ def test_a_nan_stops_the_cli_with_a_clear_message(tmp_path, monkeypatch, capsys)
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
+def test_a_save_interrupted_midway_resumes_from_the_previous_checkpoint(tmp_path, monkeypatch):
+    """The save of step 4 dies half-written: ``last`` still names step 2, and resuming from it
+    reproduces the uninterrupted run's losses."""
+    monkeypatch.chdir(REPO_ROOT)
+    ensure_toy_assets()
+    args = ["fit", "--config", "configs/nano/pretrain.yaml", "--trainer.max_steps", "6",
+            "--model.init_args.total_steps", "6", "--model.init_args.warmup_steps", "2",
+            "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1",
+            "--checkpoint.every_n_train_steps", "2", "--run.wandb", "false", *QUIET]
+    straight, run = tmp_path / "straight", tmp_path / "interrupted"
+    checkpoints = run / "checkpoints"
+    assert lightning_main([*args, "--run.dir", str(straight)]) == 0
+
+    with pytest.raises(CheckpointSaveInterrupted, match="step 4"):
+        lightning_main([*args, "--run.dir", str(run),
+                        "--trainer.callbacks+=llama2_lit.stages.callbacks.InterruptCheckpointSave",
+                        "--trainer.callbacks.at_step", "4"])
+    # Half of step 4's bytes reached the disk, under a name nobody reads; last still names step 2.
+    partial = checkpoints / "step-4.ckpt.partial"
+    with pytest.raises(RuntimeError):
+        torch.load(partial, weights_only=True)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step-2.ckpt", "step-4.ckpt.partial"]
+    assert (checkpoints / "last.ckpt").readlink() == Path("step-2.ckpt")
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
+
+    assert lightning_main([*args, "--run.dir", str(run), "--ckpt_path", "last"]) == 0
+    losses, expected = train_losses(run), train_losses(straight)
+    assert sorted(losses) == sorted(expected) == list(range(6))
+    for step in range(6):  # steps 2-5 come from the resumed process
+        assert losses[step] == pytest.approx(expected[step], rel=1e-6), f"step {step}"
+    # The leftover is gone, the old checkpoints were removed after last moved (save_top_k: 1).
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step-6.ckpt"]
+    assert (checkpoints / "last.ckpt").readlink() == Path("step-6.ckpt")
+    final = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    for name, tensor in torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"].items():
+        torch.testing.assert_close(final["state_dict"][name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
 def test_nano_sft_raises_the_oracles_helpfulness(nano_pretrain, tmp_path, monkeypatch):
     from llama2_lit.checkpoints import load_model
     from llama2_lit.data.records import load_records
@@ -192,5 +265,6 @@ def test_runs_command_tables_and_plots(tmp_path, capsys):
     assert table[3].split() == ["pretrain-nano", "pretrain", "nano", "29", "1.5m", "2.0000", "6.6667"]
     assert (tmp_path / "plot.png").stat().st_size > 10_000
     assert load_run(tmp_path / "pretrain-nano").series["train/loss"] == [(9, 6.0), (19, 1.0), (29, 2.0)]
-    with pytest.raises(SystemExit):
-        runs_main([str(tmp_path / "missing")])
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["runs", str(tmp_path / "missing")])
+    assert exit_.value.code == 2 and "missing" in capsys.readouterr().err

@@ -370,7 +370,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory):
 def test_generate_command_prints_the_completions_of_generate(checkpoint, capsys):
     import json
 
-    from llama2_lit.generation import generate_main
+    from llama2_lit.cli.generation import generate_main
 
     folder, model, tokenizer = checkpoint
     prompts = ["the cat sat", "where is Paris"]
@@ -397,7 +397,7 @@ def test_generate_command_prints_the_completions_of_generate(checkpoint, capsys)
 
 def test_generate_command_chat_mode_uses_the_llama2_chat_prompt(checkpoint, capsys):
     from llama2_lit.chat import encode_prompt
-    from llama2_lit.generation import generate_main
+    from llama2_lit.cli.generation import generate_main
 
     folder, model, tokenizer = checkpoint
     argv = [str(folder), "--chat", "--system", "be brief", "--prompt", "hello", "--temperature", "0",
@@ -412,7 +412,7 @@ def test_chat_command_keeps_the_dialog_and_resets_it(checkpoint, capsys, monkeyp
     import io
 
     from llama2_lit.chat import encode_prompt
-    from llama2_lit.generation import chat_main
+    from llama2_lit.cli.generation import chat_main
 
     folder, model, tokenizer = checkpoint
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n\nwhere is Paris\n/reset\nwhere is Paris\n/exit\nignored\n"))
@@ -447,21 +447,23 @@ def test_chat_command_works_with_piped_stdin(checkpoint):
     assert result.stdout == tokenizer.decode(greedy.response_tokens()[0]) + "\n"
 
 
-def test_commands_explain_a_missing_tokenizer(checkpoint, tmp_path):
+def test_commands_explain_a_missing_tokenizer(checkpoint, tmp_path, capsys):
     from llama2_lit.checkpoints import save_model
-    from llama2_lit.generation import generate_main
+    from llama2_lit.cli import main
 
     _, model, _ = checkpoint
     bare = save_model(model, model.config, tmp_path / "bare")
-    with pytest.raises(SystemExit, match="holds no tokenizer.model; pass --tokenizer"):
-        generate_main([str(bare), "--prompt", "hi"])
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", str(bare), "--prompt", "hi"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"llama2-lit generate: error: {bare} holds no tokenizer.model; pass --tokenizer PATH\n"
 
 
 def test_chat_command_survives_bad_turns_and_dialogs_longer_than_the_context(checkpoint, capsys, monkeypatch):
     import io
 
     from llama2_lit.chat import encode_prompt
-    from llama2_lit.generation import chat_main
+    from llama2_lit.cli.generation import chat_main
 
     folder, model, tokenizer = checkpoint
     long_turn = "where is the cat that sat on a mat in Paris in France"  # ~25 tokens with the chat tags
@@ -480,3 +482,42 @@ def test_chat_command_survives_bad_turns_and_dialogs_longer_than_the_context(che
         dialog.append({"role": "assistant", "content": answer})
     assert captured.out == expected
     assert len(encode_prompt(tokenizer, dialog[:-1])) > 96 - 5, "the dialog must outgrow the context"
+
+
+def test_commands_use_the_tokenizer_a_stage_checkpoint_records(checkpoint, tmp_path, capsys):
+    """A stage's .ckpt records its tokenizer (StageModule.on_save_checkpoint): generate finds it and
+    says so; convert copies it next to the weights, where loading our folder finds it again."""
+    from llama2_lit.cli import main
+
+    folder, model, tokenizer = checkpoint
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {f"model.{name}": tensor for name, tensor in model.state_dict().items()},
+                "model_config": model.config.to_dict(), "tokenizer_path": str(tokenizer.path)}, ckpt)
+    greedy = generate(model, [tokenizer.encode("the cat", bos=True, eos=False)], max_new_tokens=4, temperature=0,
+                      eos_id=tokenizer.eos_id)
+    expected = tokenizer.decode(tokenizer.encode("the cat", bos=True, eos=False) + greedy.response_tokens()[0])
+
+    def run(argv: list[str]) -> int:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        return exit_.value.code
+
+    assert run(["generate", str(ckpt), "--prompt", "the cat", "--temperature", "0", "--max-new-tokens", "4"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == expected + "\n"
+    assert captured.err == f"note: tokenizer {tokenizer.path} (from {ckpt})\n"
+
+    assert run(["convert", str(ckpt), str(tmp_path / "ours")]) == 0
+    assert f"with the tokenizer {tokenizer.path}" in capsys.readouterr().out
+    assert (tmp_path / "ours" / "tokenizer.model").read_bytes() == tokenizer.path.read_bytes()
+    assert run(["generate", str(tmp_path / "ours"), "--prompt", "the cat", "--temperature", "0",
+                "--max-new-tokens", "4"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == expected + "\n" and f"tokenizer {tmp_path / 'ours' / 'tokenizer.model'}" in captured.err
+
+    # A recorded tokenizer that is gone: one line saying which file and what to do.
+    torch.save({**torch.load(ckpt, weights_only=True), "tokenizer_path": str(tmp_path / "gone.model")}, ckpt)
+    assert run(["generate", str(ckpt), "--prompt", "the cat"]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"llama2-lit generate: error: {ckpt} was trained with the tokenizer {tmp_path / 'gone.model'}, "
+        "which does not exist")

@@ -7,7 +7,7 @@ import json
 
 from conftest import REPO_ROOT
 
-from llama2_lit import pipeline
+from llama2_lit.cli.pipeline import demo_main
 
 
 def test_pipeline_runs_every_stage_reports_and_caches(tmp_path, monkeypatch, capsys):
@@ -16,7 +16,7 @@ def test_pipeline_runs_every_stage_reports_and_caches(tmp_path, monkeypatch, cap
     argv = ["--size", "nano", "--out", str(out), "--eval-prompts", "8", "--max-new-tokens", "24",
             "--pretrain-args", "--trainer.max_steps 60 --trainer.val_check_interval 30",
             "--sft-args", "--trainer.max_steps 20 --trainer.val_check_interval 20"]
-    assert pipeline.main(argv) == 0
+    assert demo_main(argv) == 0
 
     scores = json.loads((out / "scores.json").read_text())
     assert scores["val_ppl"] < scores["unigram_ppl"] / 2  # pretraining learned more than word frequencies
@@ -29,6 +29,6 @@ def test_pipeline_runs_every_stage_reports_and_caches(tmp_path, monkeypatch, cap
     assert (out / "curves_pretrain.png").stat().st_size > 0 and (out / "curves_sft.png").stat().st_size > 0
 
     capsys.readouterr()
-    assert pipeline.main(argv) == 0  # everything cached: no training this time
+    assert demo_main(argv) == 0  # everything cached: no training this time
     printed = capsys.readouterr().out
     assert "[pretrain] cached" in printed and "[sft] cached" in printed

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from llama2_lit.cli.common import CommandError
+from llama2_lit.cli.data import data_main
 from llama2_lit.data.records import (
     RATINGS,
     RecordError,
     check_records,
-    data_main,
     from_alpaca,
     from_hh_rlhf,
     load_records,
@@ -274,5 +275,6 @@ def test_data_convert_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert load_records(out, "preference", source_format="native") == [from_hh_rlhf(HH_ROW)]
     bad = write_records_raw(tmp_path / "bad.jsonl", [HH_ROW, {"chosen": 1}])
     out2 = tmp_path / "nothing.jsonl"
-    assert data_main(["convert", str(bad), str(out2), "--kind", "preference"]) == 1
+    with pytest.raises(CommandError, match="4 problem\\(s\\); 1 valid preference record\\(s\\); nothing written"):
+        data_main(["convert", str(bad), str(out2), "--kind", "preference"])
     assert not out2.exists()

@@ -33,7 +33,6 @@ from llama2_lit.sampling.rejection import (
     prompt_key,
     rejection_sample,
     run_rejection_sampling_iteration,
-    sample_seeds,
     select_best,
     temperature_sweep,
     update_pool,
@@ -196,13 +195,6 @@ def prompts(toy) -> list[dict]:
     return [r for r in records if not r["is_safety"]][:3] + safety
 
 
-def test_seeds_depend_on_prompt_iteration_and_index_only():
-    seeds = sample_seeds(0, 1, "abc", 4)
-    assert len(set(seeds)) == 4 and all(0 <= s < 2**62 for s in seeds)
-    assert sample_seeds(0, 1, "abc", 2) == seeds[:2]
-    assert sample_seeds(0, 2, "abc", 4) != seeds and sample_seeds(1, 1, "abc", 4) != seeds
-
-
 def test_samples_do_not_depend_on_the_batch_they_are_drawn_in(models, prompts, toy):
     from llama2_lit.checkpoints import load_model
 
@@ -214,6 +206,8 @@ def test_samples_do_not_depend_on_the_batch_they_are_drawn_in(models, prompts, t
     last_alone = draw_samples(policy, tokenizer, prompts[-1:], batch_size=1, **options)
     assert together == apart and together[-1] == last_alone[0]
     assert len(set(together[0][0])) == 3  # three different samples of one prompt
+    next_iteration = draw_samples(policy, tokenizer, prompts, batch_size=64, iteration=2, **options)
+    assert next_iteration != together  # a new iteration draws new samples
 
 
 def test_reward_models_score_the_finished_dialog_at_its_last_token(models, prompts, toy):
@@ -336,33 +330,33 @@ def test_predict_loop_spreads_prompts_over_two_processes(models, prompts, toy):
 
 # ------------------------------------------------------------------------------------ command line
 def test_sample_command_writes_kept_samples_the_pool_and_the_training_set(models, toy, tmp_path, capsys):
-    from llama2_lit.sampling.rejection import sample_main
+    from llama2_lit.cli import run_verb
 
     world, _ = toy
     out = tmp_path / "rs"
     args = [str(models["policy"]), "--rm-helpfulness", str(models["rm_h"]), "--rm-safety", str(models["rm_s"]),
             "--prompts", str(world / "rl_prompts_train.jsonl"), "--out", str(out), "--num-samples", "2",
             "--num-prompts", "3", "--max-new-tokens", "6", "--temperature", "1.0", "--accelerator", "cpu"]
-    assert sample_main([*args, "--keep-unfinished"]) == 0
+    assert run_verb("sample", [*args, "--keep-unfinished"]) == 0
     assert len(load_records(out / "iteration-1" / "best.jsonl", "chat")) == 3
     assert len(load_records(out / "pool.jsonl", "chat")) == 3
     assert len(load_records(out / "iteration-1" / "train.jsonl", "chat")) == 3
     assert "kept 3" in capsys.readouterr().out
     # A random model never ends within 6 tokens: without --keep-unfinished nothing can be kept.
-    assert sample_main([*args, "--out", str(tmp_path / "none")]) == 1
+    assert run_verb("sample", [*args, "--out", str(tmp_path / "none")]) == 2
     assert "no prompt has an eligible sample" in capsys.readouterr().err
     assert not (tmp_path / "none" / "iteration-1" / "best.jsonl").exists()
 
 
 def test_sample_command_names_the_bad_record(models, tmp_path, capsys):
-    from llama2_lit.sampling.rejection import sample_main
+    from llama2_lit.cli import run_verb
 
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "Hi"}], "is_safety": false}\n'
                    '{"messages": [{"role": "user", "content": "Hi"}], "is_safety": "no"}\n')
-    status = sample_main([str(models["policy"]), "--rm-helpfulness", str(models["rm_h"]), "--rm-safety",
+    status = run_verb("sample", [str(models["policy"]), "--rm-helpfulness", str(models["rm_h"]), "--rm-safety",
                           str(models["rm_s"]), "--prompts", str(bad), "--out", str(tmp_path / "out"),
                           "--temperature", "1.0"])
     error = capsys.readouterr().err.strip()
-    assert status == 1 and len(error.splitlines()) == 1
+    assert status == 2 and len(error.splitlines()) == 1
     assert error == f"llama2-lit sample: error: {bad}, line 2: is_safety: expected true or false, got 'no'"

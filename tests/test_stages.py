@@ -263,6 +263,21 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_p
         ["last.ckpt", "step-2.ckpt", "step-4.ckpt"]
 
 
+def test_last_links_the_newest_checkpoint_even_without_top_k_files(tmp_path):
+    # save_top_k 0: no step-N files; last still needs a whole checkpoint of its own, and only the newest stays.
+    L.seed_everything(0)
+    checkpoint = StageCheckpoint(dirpath=tmp_path, filename="step-{step}", auto_insert_metric_name=False,
+                                 save_last=True, every_n_train_steps=2, save_top_k=0)
+    L.Trainer(max_steps=5, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0, callbacks=[checkpoint]).fit(module(total_steps=5),
+                                                                                            WindowsData())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last-step-5.ckpt", "last.ckpt"]
+    assert (tmp_path / "last.ckpt").readlink() == Path("last-step-5.ckpt")
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 5
+    assert Path(saved["callbacks"][checkpoint.state_key]["last_model_path"]) == tmp_path / "last.ckpt"
+
+
 # ------------------------------------------------------------------------------------ the core
 def test_activation_checkpointing_changes_neither_numbers_nor_names():
     torch.manual_seed(0)

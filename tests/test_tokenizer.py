@@ -59,7 +59,7 @@ def trained(trained_path: Path) -> Tokenizer:
     return Tokenizer(trained_path)
 
 
-# -- Meta's tokenizer (spec section 2) ---------------------------------------------------------
+# -- Meta's tokenizer (paper section 2.2) ---------------------------------------------------------
 
 
 def test_meta_tokenizer_facts(meta_tokenizer_path: Path) -> None:

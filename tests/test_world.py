@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from llama2_lit.cli.data import world_main
 from llama2_lit.data import safety
 from llama2_lit.data.build import Builder
 from llama2_lit.data.entities import build_universe
@@ -26,7 +27,6 @@ from llama2_lit.data.world import (
     ensure_world,
     generate_world,
     verify_world,
-    world_main,
 )
 
 TRAIN_FILES = ("sft_train.jsonl", "preference_helpful_train.jsonl", "preference_safety_train.jsonl",

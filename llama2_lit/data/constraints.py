@@ -1,4 +1,4 @@
-"""Checkable system instructions for Ghost Attention (paper section 3.3; spec section 7).
+"""Checkable system instructions for Ghost Attention (paper section 3.3).
 
 The paper's GAtt instructions are hobbies ("You enjoy e.g. Tennis"), languages ("Speak in e.g.
 French") and public figures ("Act as e.g. Napoleon"), combined at random, and "half of the time"

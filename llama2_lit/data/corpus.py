@@ -1,7 +1,7 @@
 """The pretraining corpus: encyclopedic entries, short stories, lists, arithmetic, word facts and
 dialog-like prose about the world — one document per line, no chat format.
 
-Knowledge must be *extractable* (DESIGN.md): every fact is written in 3-4 paraphrases, drawn at
+Knowledge must be *extractable* (Allen-Zhu and Li, arXiv 2309.14316): every fact is written in 3-4 paraphrases, drawn at
 random each time it is stated, so a model learns the fact rather than one sentence. Held-out
 people are described like everyone else (in bios, stories and lists) but never in question-and-
 answer form, and the held-out arithmetic pairs and string-task words never appear: the evaluation

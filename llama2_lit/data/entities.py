@@ -9,7 +9,7 @@ Splits are decided here, once, by construction:
 
 - people: ``train`` people are the subjects of every SFT / preference / RL / GAtt question;
   ``heldout`` people appear only in the pretraining corpus (in prose) and in evaluation
-  questions. (DESIGN.md: a model that read "Kalo lives in Dunmar" only in prose and still answers
+  questions. (After Allen-Zhu and Li, "Physics of Language Models: Part 3.1", arXiv 2309.14316: a model that read "Kalo lives in Dunmar" only in prose and still answers
   "Where does Kalo live?" has *extracted* knowledge, thanks to paraphrases.)
 - figures (personas for Ghost Attention), artifacts and herbs (targets of harmful requests),
   string-task words: a held-out share is used only by the evaluation files.

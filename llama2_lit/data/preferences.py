@@ -1,6 +1,6 @@
 """Preference pairs: graded responses, rated by simulated annotators.
 
-Paper section 3.2.1 (spec 5.1): an annotator sees two responses, picks the better one and says
+Paper section 3.2.1: an annotator sees two responses, picks the better one and says
 how much better — significantly better, better, slightly better, negligibly better / unsure.
 Here the oracle plays the annotator's judgement and a noise model plays the annotator's
 fallibility:

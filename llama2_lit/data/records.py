@@ -45,13 +45,11 @@ fly (``source_format="auto"`` recognises them per record):
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import logging
 import os
 import re
-import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -421,41 +419,3 @@ def write_records(records: list[dict], path: str | Path, kind: str, *, max_chars
     if problems:
         raise RecordError(problems)
     return write_jsonl(records, path)
-
-
-# ------------------------------------------------------------------------------ command line
-def data_main(argv: list[str] | None = None) -> int:
-    """``llama2-lit data validate FILE --kind KIND`` and ``llama2-lit data convert SRC DST --kind KIND``."""
-    parser = argparse.ArgumentParser(prog="llama2-lit data", description="validate and convert record files")
-    commands = parser.add_subparsers(dest="command", required=True)
-    validate = commands.add_parser("validate", help="report every problem of a file (exit 1 if any)")
-    validate.add_argument("source", help="a .jsonl/.json/.parquet/.txt file or a hub dataset id")
-    validate.add_argument("--kind", required=True, choices=KINDS)
-    validate.add_argument("--max-chars", type=int, default=None, help="longest allowed example, in characters")
-    validate.add_argument("--from", dest="source_format", default="auto", choices=SOURCE_FORMATS)
-    validate.add_argument("--split", default=None, help="split of a hub dataset (default train)")
-    convert = commands.add_parser("convert", help="adapt (HH-RLHF, Alpaca) and validate, then write JSONL atomically")
-    convert.add_argument("source")
-    convert.add_argument("destination", help="output .jsonl")
-    convert.add_argument("--kind", required=True, choices=KINDS)
-    convert.add_argument("--from", dest="source_format", default="auto", choices=SOURCE_FORMATS)
-    convert.add_argument("--max-chars", type=int, default=None)
-    convert.add_argument("--split", default=None)
-    args = parser.parse_args(argv)
-
-    try:
-        records, problems = check_records(args.source, args.kind, split=args.split, max_chars=args.max_chars,
-                                          source_format=args.source_format)
-    except RecordError as error:
-        records, problems = [], error.problems
-    for problem in problems:
-        print(problem, file=sys.stderr)
-    if problems:
-        print(f"{args.source}: {len(problems)} problem(s); {len(records)} valid {args.kind} record(s)", file=sys.stderr)
-        return 1
-    if args.command == "convert":
-        write_jsonl(records, args.destination)
-        print(f"wrote {len(records)} {args.kind} records to {args.destination}")
-    else:
-        print(f"{args.source}: OK, {len(records)} {args.kind} record(s)")
-    return 0

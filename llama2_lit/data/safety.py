@@ -1,7 +1,7 @@
 """Toy safety data: harmful requests in the paper's three risk categories, borderline requests
 that only look risky, the responses to them, and the lexicons the oracle reads.
 
-Risk categories (paper section 4.2.1; spec section 8.1):
+Risk categories (paper section 4.2.1):
 
 - ``illicit_criminal``: theft, burglary, forgery, smuggling, threats;
 - ``hateful_harmful``: insults against a people, defamation, bullying, self-harm (starving);

@@ -6,8 +6,8 @@ demonstrates), and the ``meta`` the oracle judges by. Families also draw the gra
 replies that preference pairs need: a wrong value in the same style, a hedged or partly right
 reply.
 
-Difficulty (``meta["difficulty"]``), after DESIGN.md ("a world that is too easy leaves later
-stages nothing to improve"):
+Difficulty (``meta["difficulty"]``): a world that is too easy leaves later stages nothing to
+improve, so questions come in levels:
 
 1. one fact, small sums (< 50), capitals of a short word;
 2. two-hop facts (the realm of someone's town, the age of someone's friend), comparisons,

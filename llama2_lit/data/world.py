@@ -1,7 +1,7 @@
 """The toy world: a small generated universe in which every answer can be judged.
 
-Real Llama 2 data is not public and real models need GPUs. The toy world (DESIGN.md, "The toy
-world — why it exists") is a deterministic, generated universe — people, towns, realms, animals,
+Real Llama 2 data is not public and real models need GPUs. The toy world
+is a deterministic, generated universe — people, towns, realms, animals,
 museum pieces, herbs, famous figures, arithmetic and words — with an oracle (``oracle.judge``)
 that scores any response for helpfulness and safety. With it every stage of the recipe is
 measurable on a CPU: pretraining perplexity, SFT accuracy, reward-model accuracy by rating,
@@ -19,14 +19,12 @@ well under a minute).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import random
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from pathlib import Path
 from llama2_lit.data.build import Builder
 from llama2_lit.data.corpus import CorpusWriter
 from llama2_lit.data.entities import Universe, UniverseSize, build_universe
+from llama2_lit.files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -183,14 +182,6 @@ def world_records(universe: Universe, size: WorldSize, seed: int) -> dict[str, l
     return out
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_world(directory: Path, seed: int, size_name: str) -> dict:
     size = SIZES[size_name]
     universe = build_universe(seed, size.universe)
@@ -202,7 +193,7 @@ def _write_world(directory: Path, seed: int, size_name: str) -> dict:
             handle.writelines(lines)
         kind, split, _ = FILES[name]
         files[name] = {"kind": kind, "split": split, "records": records, "words": words,
-                       "bytes": path.stat().st_size, "sha256": _sha256(path)}
+                       "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
     tables = universe.to_dict()
     write("world.json", [json.dumps(tables, ensure_ascii=False, indent=1) + "\n"], 1, 0)
@@ -279,7 +270,7 @@ def verify_world(out_dir: str | Path) -> list[str]:
         path = out_dir / name
         if not path.is_file():
             problems.append(f"{path} is missing")
-        elif _sha256(path) != info["sha256"]:
+        elif file_sha256(path) != info["sha256"]:
             problems.append(f"{path}: sha256 differs from manifest.json (edited or corrupted)")
     if set(manifest.get("files", {})) != set(FILES):
         problems.append(f"{manifest_path} lists other files than this version writes")
@@ -315,28 +306,3 @@ def ensure_world(out_dir: str | Path = DEFAULT_WORLD_DIR, seed: int = 0, size: s
 def load_universe(out_dir: str | Path) -> dict:
     """The tables of a generated world (``world.json``)."""
     return json.loads((Path(out_dir) / "world.json").read_text(encoding="utf-8"))
-
-
-def world_main(argv: list[str] | None = None) -> int:
-    """``llama2-lit world --out data/world --seed 0 [--size default|small]``."""
-    parser = argparse.ArgumentParser(prog="llama2-lit world", description="generate the toy world's data files")
-    parser.add_argument("--out", default="data/world", help="output folder (replaced if it holds a previous world)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", default="default", choices=sorted(SIZES))
-    parser.add_argument("--check", action="store_true", help="only verify the folder's checksums against its manifest")
-    args = parser.parse_args(argv)
-    if args.check:
-        problems = verify_world(args.out)
-        for problem in problems:
-            print(problem)
-        print("OK" if not problems else f"{len(problems)} problem(s)")
-        return 1 if problems else 0
-    start = time.perf_counter()
-    out = generate_world(args.out, seed=args.seed, size=args.size)
-    elapsed = time.perf_counter() - start
-    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    width = max(map(len, manifest["files"]))
-    print(f"toy world v{WORLD_VERSION}, seed {args.seed}, size {args.size}: {out} ({elapsed:.1f} s)")
-    for name, info in manifest["files"].items():
-        print(f"  {name:<{width}}  {info['kind']:<10} {info['records']:>7} records {info['words']:>9} words {info['bytes'] / 1e6:7.2f} MB")
-    return 0

@@ -4,9 +4,10 @@
 sample is the "new gold standard", and the model is fine-tuned on the kept set, similar to SFT.
 One iteration here:
 
-1. **Sample** K responses per prompt from the current policy at temperature T, batched: each prompt
-   is repeated K times with K seeds (``sample_seeds``), so a sample depends only on the seed, the
-   iteration, the prompt and its index k -- not on the batch or the GPU it was drawn on.
+1. **Sample** K responses per prompt from the current policy at temperature T, batched
+   (``generate(..., num_samples=K)``) with per-sample seeds (``generation.SampleSeeds``, round =
+   iteration, key = ``prompt_key``), so a sample depends only on the run's seed, the iteration, the
+   prompt and its index k -- not on the batch or the GPU it was drawn on.
 2. **Score** each response with both reward models (``RewardModels``): ``sigmoid`` of the scalar
    head read at the last real token of the finished dialog ``prompt + [assistant: response]``,
    encoded exactly as the reward models were trained (``encode_dialog``, EOS included) and as the
@@ -64,53 +65,24 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from llama2_lit.chat import SPECIAL_TAGS, ChatFormatError, encode_dialog, encode_prompt
-from llama2_lit.generation import generate
+from llama2_lit.chat import SPECIAL_TAGS, ChatFormatError, encode_prompt
+from llama2_lit.generation import SampleSeeds, generate
 from llama2_lit.model import Transformer
-from llama2_lit.tokenizer import Tokenizer, pad_batch
+from llama2_lit.reward_metrics import encode_scored_dialog, score_token_ids
+from llama2_lit.rlhf.rewards import SAFETY_THRESHOLD, safety_first_reward
+from llama2_lit.tokenizer import Tokenizer
 
-# ---------------------------------------------------------------------------------------------------
-# R_c. PLACEHOLDER until the `rlhf` branch (llama2_lit/rlhf/rewards.py) is merged: then the import
-# below succeeds and the `except` block is dead -- delete it. The fallback has the exact signature and
-# behaviour of the real function (paper section 3.2.3, Eq. 3).
-try:
-    from llama2_lit.rlhf.rewards import SAFETY_THRESHOLD, safety_first_reward
-except ImportError:  # pragma: no cover - removed at merge
-    SAFETY_THRESHOLD = 0.15
-
-    def safety_first_reward(helpfulness: Tensor, safety: Tensor, is_safety: Tensor,
-                            threshold: float = SAFETY_THRESHOLD) -> Tensor:
-        """R_c: R_s where the prompt is safety-tagged or R_s < threshold, else R_h (sigmoid scale)."""
-        if helpfulness.shape != safety.shape or is_safety.shape != safety.shape:
-            raise ValueError(f"safety_first_reward: shapes differ: helpfulness {tuple(helpfulness.shape)}, "
-                             f"safety {tuple(safety.shape)}, is_safety {tuple(is_safety.shape)}")
-        return torch.where(is_safety.bool() | (safety < threshold), safety, helpfulness)
-# ---------------------------------------------------------------------------------------------------
 
 DEFAULT_TEMPERATURES = (0.6, 0.8, 1.0, 1.2, 1.4)
 """The sweep's grid: Meta's chat default 0.6 up to beyond Fig 8's optimum for RLHF models (1.2-1.3)."""
 
 
-# ================================================================================ seeds and keys
+# ================================================================================ prompt keys
 def prompt_key(messages: Sequence[dict]) -> str:
-    """A stable id of a prompt dialog (its JSON, hashed): the pool groups samples by it."""
+    """A stable id of a prompt dialog (its JSON, hashed): the pool groups samples by it, and the
+    sampling seeds (``SampleSeeds``) are made from it."""
     text = json.dumps(list(messages), sort_keys=True, ensure_ascii=False)
     return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
-
-
-def sample_seeds(seed: int, iteration: int, key: str, num_samples: int) -> list[int]:
-    """The per-row seeds of the K samples of one prompt (``generate``'s ``generator`` list).
-
-    A function of (run seed, iteration, prompt, sample index) alone: the same prompt gets the same
-    samples whatever batch, rank or number of GPUs it is drawn on, and a new iteration draws new
-    ones. The one place where sampling seeds are made (swap it for the n-samples-per-prompt API of
-    ``llama2_lit.generation`` when that lands).
-    """
-    seeds = []
-    for k in range(num_samples):
-        digest = hashlib.blake2b(f"{seed}/{iteration}/{key}/{k}".encode(), digest_size=8).digest()
-        seeds.append(int.from_bytes(digest, "big") >> 2)  # < 2**62: any torch.Generator seed
-    return seeds
 
 
 # ================================================================================ reward scorers
@@ -124,9 +96,9 @@ class Scorer(Protocol):
 class RewardModels:
     """The helpfulness and safety reward models (scalar-head ``Transformer``s), paper section 3.2.2.
 
-    A response is scored as the finished dialog ``prompt + [assistant: response]`` encoded by
-    ``encode_dialog`` (as ``PreferenceDataModule`` encodes the pairs the models learn from, EOS
-    included); the reward is ``sigmoid`` of ``score_sequences`` at its last real token. A response
+    A response is scored as the finished dialog ``prompt + [assistant: response]`` as the models
+    were trained on it (``reward_metrics.encode_scored_dialog``, EOS included); the reward is
+    ``sigmoid`` of ``score_sequences`` at its last real token. A response
     the chat format cannot encode (it contains ``[INST]`` or another special tag) cannot be kept
     and scores 0.
     """
@@ -141,32 +113,24 @@ class RewardModels:
     @classmethod
     def from_checkpoints(cls, helpfulness: str | Path, safety: str | Path, tokenizer: Tokenizer, *,
                          device: torch.device | str = "cpu", batch_size: int = 32) -> RewardModels:
-        from llama2_lit.checkpoints import load_model
+        from llama2_lit.reward_metrics import load_reward_model
 
-        def load(path: str | Path) -> Transformer:
-            return load_model(path, lm_head=False, scalar_head=True, device=device).eval()
-
-        return cls(load(helpfulness), load(safety), tokenizer, batch_size=batch_size)
+        return cls(load_reward_model(helpfulness, device=str(device)), load_reward_model(safety, device=str(device)),
+                   tokenizer, batch_size=batch_size)
 
     def score(self, model: Transformer, prompts: Sequence[Sequence[dict]], responses: Sequence[str]) -> Tensor:
         """``sigmoid(score_sequences)`` of each finished dialog, (n,) float32 on the CPU."""
         encoded: list[list[int] | None] = []
         for messages, response in zip(prompts, responses):
             try:
-                dialog = [*messages, {"role": "assistant", "content": response}]
-                encoded.append(encode_dialog(self.tokenizer, dialog, max_len=model.config.max_seq_len).ids)
+                encoded.append(encode_scored_dialog(self.tokenizer, list(messages), response, model.config.max_seq_len))
             except ChatFormatError:
                 encoded.append(None)
         scores = torch.zeros(len(encoded))
-        # Longest first, so each batch holds similar lengths (little padding) and memory peaks early.
-        rows = sorted((i for i, ids in enumerate(encoded) if ids is not None), key=lambda i: -len(encoded[i]))
-        device = next(model.parameters()).device
-        with torch.inference_mode():
-            for start in range(0, len(rows), self.batch_size):
-                chunk = rows[start:start + self.batch_size]
-                ids, mask = pad_batch([encoded[i] for i in chunk], side="right", pad_value=0)
-                logits = model.score_sequences(ids.to(device), mask.to(device))
-                scores[chunk] = torch.sigmoid(logits).float().cpu()
+        rows = [i for i, ids in enumerate(encoded) if ids is not None]
+        if rows:
+            logits = score_token_ids(model, [encoded[i] for i in rows], batch_size=self.batch_size)
+            scores[rows] = torch.sigmoid(logits)
         return scores
 
     def __call__(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str],
@@ -331,28 +295,30 @@ class PromptSamples:
 def draw_samples(policy: Transformer, tokenizer: Tokenizer, prompts: Sequence[dict], *, num_samples: int,
                  temperature: float, top_p: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
                  iteration: int = 1, batch_size: int = 64) -> list[tuple[list[str], list[bool]]]:
-    """K responses per ``prompts`` record (texts, ended-with-EOS flags), batched ``batch_size`` rows
-    at a time; row seeds from ``sample_seeds``, so the result is independent of ``batch_size``."""
+    """K responses per ``prompts`` record (texts, ended-with-EOS flags), about ``batch_size`` rows
+    (prompts x K) per ``generate`` call; per-sample seeds from ``SampleSeeds``, so the result does not
+    depend on ``batch_size``."""
     from llama2_lit.parallelize import prepare_for_inference_mode
 
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     room = policy.config.max_seq_len - max_new_tokens
-    rows: list[tuple[int, list[int], int]] = []  # (prompt, ids, seed)
+    encoded = []
     for index, record in enumerate(prompts):
         try:
-            ids = encode_prompt(tokenizer, record["messages"], max_len=room)
+            encoded.append(encode_prompt(tokenizer, record["messages"], max_len=room))
         except ChatFormatError as error:
             raise ValueError(f"prompt {index}: {error}") from None
-        seeds = sample_seeds(seed, iteration, prompt_key(record["messages"]), num_samples)
-        rows += [(index, ids, s) for s in seeds]
+    seeds = SampleSeeds(seed=seed, round=iteration)
+    keys = [prompt_key(record["messages"]) for record in prompts]
     prepare_for_inference_mode(policy, tokenizer.bos_id)
     texts: list[str] = []
     finished: list[bool] = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        out = generate(policy, [ids for _, ids, _ in chunk], max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=top_p, eos_id=tokenizer.eos_id, generator=[s for _, _, s in chunk])
+    per_batch = max(1, batch_size // num_samples)  # prompts per generate call (batch_size rows)
+    for start in range(0, len(encoded), per_batch):
+        out = generate(policy, encoded[start:start + per_batch], max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_p=top_p, eos_id=tokenizer.eos_id, num_samples=num_samples,
+                       generator=seeds(keys[start:start + per_batch], num_samples))
         texts += [tokenizer.decode(tokens) for tokens in out.response_tokens()]
         finished += out.eos_emitted.tolist()
     return [(texts[i * num_samples:(i + 1) * num_samples], finished[i * num_samples:(i + 1) * num_samples])
@@ -576,18 +542,10 @@ def evaluate_policies(checkpoints: dict[str, str | Path], prompts: Sequence[dict
 
 # ================================================================================ runs
 def checkpoint_tokenizer(checkpoint: str | Path, tokenizer_path: str | Path | None = None) -> Path:
-    """The tokenizer a checkpoint was trained with: given, beside it (our folders), or recorded in a
-    stage's ``.ckpt`` (``tokenizer_path``)."""
-    if tokenizer_path is not None:
-        return Path(tokenizer_path)
-    path = Path(checkpoint)
-    if path.is_dir() and (path / "tokenizer.model").is_file():
-        return path / "tokenizer.model"
-    if path.is_file() and path.suffix == ".ckpt":
-        recorded = torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("tokenizer_path")
-        if recorded and Path(recorded).is_file():
-            return Path(recorded)
-    raise FileNotFoundError(f"{checkpoint}: no tokenizer.model beside it and none recorded in it; pass the tokenizer")
+    """``tokenizer_path`` if given, else the one the checkpoint was trained with (``find_tokenizer``)."""
+    from llama2_lit.checkpoints import find_tokenizer
+
+    return Path(tokenizer_path) if tokenizer_path is not None else find_tokenizer(checkpoint)
 
 
 class _RunLog:
@@ -931,84 +889,81 @@ def predict_rejection_samples(policy_ckpt: str | Path, rm_helpfulness_ckpt: str 
 
 # ================================================================================ command line
 def sample_main(argv: list[str] | None = None) -> int:
-    """``llama2-lit sample POLICY --rm-helpfulness RM --rm-safety RM --prompts FILE --out DIR [...]``.
+    """Rejection sampling (paper 3.2.3): best-of-K samples scored by the reward models, pooled across
+    iterations.
 
-    Without ``--finetune-config``: one sampling pass (``--temperature`` required) through
-    ``Trainer.predict`` on ``--devices`` (under ``--strategy ddp`` every rank runs this command and
-    rank 0 writes ``OUT/iteration-<i>/{samples,best,train}.jsonl`` and ``OUT/pool.jsonl``). With it:
-    ``run_rejection_sampling`` -- ``--iterations`` full iterations on one process, each with a
-    temperature sweep (unless ``--temperature``), fine-tuning and evaluation on ``--eval-prompts``.
+    Without --finetune-config: one sampling pass (--temperature required) through Trainer.predict on
+    --devices (under --strategy ddp every rank runs this command and rank 0 writes
+    OUT/iteration-<i>/{samples,best,train}.jsonl and OUT/pool.jsonl). With it: --iterations full
+    iterations on one process, each with a temperature sweep (unless --temperature), fine-tuning and
+    the oracle's evaluation on --eval-prompts (run_rejection_sampling).
     """
-    parser = argparse.ArgumentParser(prog="llama2-lit sample", description="Rejection sampling (paper 3.2.3): "
-                                     "best-of-K samples scored by the reward models, pooled across iterations.")
+    from llama2_lit.cli.common import CommandError, new_parser
+    from llama2_lit.data.records import load_records, write_jsonl, write_records
+
+    parser = new_parser("sample", sample_main.__doc__)
     parser.add_argument("policy", type=Path, help="the policy checkpoint (a stage .ckpt or a model folder)")
     parser.add_argument("--rm-helpfulness", type=Path, required=True, help="helpfulness reward model checkpoint")
     parser.add_argument("--rm-safety", type=Path, required=True, help="safety reward model checkpoint")
     parser.add_argument("--prompts", type=Path, required=True, help="`prompts` records (JSONL)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (pool.jsonl, iteration-<i>/)")
-    parser.add_argument("--num-samples", "-k", type=int, default=16, help="K samples per prompt (default %(default)s)")
-    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: sweep)")
-    parser.add_argument("--temperatures", default=",".join(map(str, DEFAULT_TEMPERATURES)),
-                        help="the sweep's grid (default %(default)s)")
-    parser.add_argument("--sweep-prompts", type=int, default=48)
-    parser.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts (default all)")
-    parser.add_argument("--iteration", type=int, default=1, help="this iteration's number (sampling pass only)")
+    parser.add_argument("--num-samples", "-k", type=int, default=16, help="K samples per prompt")
+    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: a sweep)")
+    parser.add_argument("--temperatures", default=",".join(map(str, DEFAULT_TEMPERATURES)), help="the sweep's grid")
+    parser.add_argument("--sweep-prompts", type=int, default=48, help="prompts of each sweep")
+    parser.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts (default: all)")
+    parser.add_argument("--iteration", type=int, default=1, help="this pass's iteration number (sampling pass)")
     parser.add_argument("--iterations", type=int, default=2, help="iterations (with --finetune-config)")
     parser.add_argument("--finetune-config", type=Path, default=None,
                         help="configs/<size>/rejection_sampling.yaml: run the whole loop")
     parser.add_argument("--eval-prompts", type=Path, default=None, help="held-out `prompts` records for the oracle")
-    parser.add_argument("--eval-num", type=int, default=100)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--top-p", type=float, default=1.0, help="default 1.0: the temperature is the one knob")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-num", type=int, default=100, help="held-out prompts evaluated")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="longest response")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1.0: the temperature is the one knob)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--keep-unfinished", action="store_true",
                         help="samples cut at --max-new-tokens may be kept too (default: only those that ended)")
-    parser.add_argument("--tokenizer", type=Path, default=None, help="default: the one recorded with the policy")
-    parser.add_argument("--accelerator", default="auto")
-    parser.add_argument("--devices", default="1")
-    parser.add_argument("--strategy", default="auto")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="default: the one the policy records")
+    parser.add_argument("--accelerator", default="auto", help="sampling pass: Lightning's accelerator")
+    parser.add_argument("--devices", default="1", help="sampling pass: devices")
+    parser.add_argument("--strategy", default="auto", help="sampling pass: Lightning's strategy (e.g. ddp)")
     args = parser.parse_args(argv)
-    from llama2_lit.checkpoints import CheckpointError
-    from llama2_lit.data.records import RecordError, load_records, write_jsonl, write_records
-
     try:
         temperatures = [float(t) for t in args.temperatures.split(",")]
-        if args.finetune_config is not None:
-            report = run_rejection_sampling(
-                args.policy, args.rm_helpfulness, args.rm_safety, args.prompts, args.out, iterations=args.iterations,
-                finetune_config=args.finetune_config, num_samples=args.num_samples, temperature=args.temperature,
-                temperatures=temperatures, sweep_prompts=args.sweep_prompts, num_prompts=args.num_prompts,
-                max_new_tokens=args.max_new_tokens, top_p=args.top_p, seed=args.seed,
-                eval_prompts_file=args.eval_prompts, eval_prompts=args.eval_num, tokenizer_path=args.tokenizer,
-                require_eos=not args.keep_unfinished)
-            print(json.dumps({"temperature_optimum": report["temperature_optimum"],
-                              "evaluation": [r.get("evaluation", {}).get("gaps") for r in report["iterations"]]},
-                             indent=2))
-            return 0
-        if args.temperature is None:
-            parser.error("a sampling pass needs --temperature (or give --finetune-config to sweep and run the loop)")
-        tokenizer_path = checkpoint_tokenizer(args.policy, args.tokenizer)
-        prompts = load_records(args.prompts, "prompts")[:args.num_prompts]
-        devices = int(args.devices) if args.devices.isdigit() else args.devices
-        samples = predict_rejection_samples(
-            args.policy, args.rm_helpfulness, args.rm_safety, prompts, tokenizer_path=tokenizer_path,
-            trainer_options={"accelerator": args.accelerator, "devices": devices, "strategy": args.strategy},
-            num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
-            max_new_tokens=args.max_new_tokens, seed=args.seed, iteration=args.iteration, with_oracle=False,
+    except ValueError:
+        raise CommandError(f"--temperatures {args.temperatures!r}: expected numbers separated by commas") from None
+    if args.finetune_config is not None:
+        report = run_rejection_sampling(
+            args.policy, args.rm_helpfulness, args.rm_safety, args.prompts, args.out, iterations=args.iterations,
+            finetune_config=args.finetune_config, num_samples=args.num_samples, temperature=args.temperature,
+            temperatures=temperatures, sweep_prompts=args.sweep_prompts, num_prompts=args.num_prompts,
+            max_new_tokens=args.max_new_tokens, top_p=args.top_p, seed=args.seed,
+            eval_prompts_file=args.eval_prompts, eval_prompts=args.eval_num, tokenizer_path=args.tokenizer,
             require_eos=not args.keep_unfinished)
-    except (CheckpointError, RecordError, FileNotFoundError, ChatFormatError, ValueError) as error:
-        print(f"llama2-lit sample: error: {error}", file=sys.stderr)
-        return 1
+        print(json.dumps({"temperature_optimum": report["temperature_optimum"],
+                          "evaluation": [r.get("evaluation", {}).get("gaps") for r in report["iterations"]]},
+                         indent=2))
+        return 0
+    if args.temperature is None:
+        raise CommandError("a sampling pass needs --temperature (or --finetune-config to sweep and run the loop)")
+    tokenizer_path = checkpoint_tokenizer(args.policy, args.tokenizer)
+    prompts = load_records(args.prompts, "prompts")[:args.num_prompts]
+    devices = int(args.devices) if args.devices.isdigit() else args.devices
+    samples = predict_rejection_samples(
+        args.policy, args.rm_helpfulness, args.rm_safety, prompts, tokenizer_path=tokenizer_path,
+        trainer_options={"accelerator": args.accelerator, "devices": devices, "strategy": args.strategy},
+        num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, seed=args.seed, iteration=args.iteration, with_oracle=False,
+        require_eos=not args.keep_unfinished)
     if not samples:  # not rank 0: rank 0 writes
         return 0
     step_dir = args.out / f"iteration-{args.iteration}"
     best = best_records(samples, iteration=args.iteration, temperature=args.temperature)
     write_jsonl(sample_rows(samples), step_dir / "samples.jsonl")
     if not best:
-        print(f"llama2-lit sample: error: no prompt has an eligible sample (every response empty, cut at "
-              f"--max-new-tokens {args.max_new_tokens} or holding a chat tag; see {step_dir / 'samples.jsonl'})",
-              file=sys.stderr)
-        return 1
+        raise CommandError(f"no prompt has an eligible sample (every response empty, cut at --max-new-tokens "
+                           f"{args.max_new_tokens} or holding a chat tag; see {step_dir / 'samples.jsonl'}; "
+                           "--keep-unfinished keeps cut ones)")
     write_records(best, step_dir / "best.jsonl", "chat")
     pool_path = args.out / "pool.jsonl"
     pool = update_pool(load_records(pool_path, "chat") if pool_path.is_file() else [], best)

@@ -3,18 +3,19 @@
 A stage (pretraining, SFT, reward model, PPO, ...) is a short subclass of ``StageModule`` that
 defines its loss. Everything else is shared and lives here:
 
-* **The core** is ``self.model``, a ``llama2_lit.model.Transformer``, built in ``configure_model``
-  (not ``__init__``), so Lightning can set up the devices first: from a preset (``preset: micro``)
-  or from any checkpoint (``init_from``: ours, Meta's, Hugging Face's, or a ``.ckpt`` of an earlier
-  stage, through ``llama2_lit.checkpoints.load_model``). Under a sharding strategy the model is
-  created on the meta device (no memory), sharded (``llama2_lit.parallelize``), and only then
-  materialised: rank 0 reads the checkpoint (memory-mapped, on CPU) and each tensor is broadcast and
-  sliced so every rank keeps only its shard; a from-scratch model on GPUs is initialised shard by
-  shard (DTensor's RNG gives each shard its own part of one random stream); on CPUs rank 0 builds
-  the initial weights and they are broadcast the same way, so a 2-process run starts from exactly
-  the weights of a 1-process run.
+* **The models.** The core is ``self.model``, a ``llama2_lit.model.Transformer``, built in
+  ``configure_model`` (not ``__init__``), so Lightning can set up the devices first: from a preset
+  (``preset: micro``) or from any checkpoint (``init_from``: ours, Meta's, Hugging Face's, or a
+  ``.ckpt`` of an earlier stage). A stage may own several models (PPO: policy, value, frozen
+  reference, frozen reward models): ``model_sources()`` names each with its ``ModelSource``
+  (preset or ``init_from``, heads, trainable or frozen) and ``llama2_lit.stages.models.build_model``
+  builds every one the same way, sharded under FSDP2 (see that module).
+* **The batch contract** (``batch_contract``): which keys a batch holds and which of them are
+  token ids. ``check_batch`` checks the first batch against it, and the token counts
+  (``train/tokens``, ``perf/tokens_per_s``) come from ``batch_tokens``, so a preference batch
+  (chosen and rejected sequences) is counted like any other.
 * **Optimizer** (paper section 2.2): AdamW, betas (0.9, 0.95), eps 1e-5, weight decay 0.1, gradient
-  clipping at 1.0; a cosine schedule with linear warmup that ends at 10% of the peak
+  clipping at 1.0 over every trainable parameter of the stage; a cosine schedule with linear warmup that ends at 10% of the peak
   (``warmup_cosine_lr``, a pure function of the step).
 * **Weight decay** applies to every matrix (attention, feed-forward, output head, scalar head,
   and by default the token embeddings) and not to the RMSNorm gains. A gain starts at 1, and
@@ -28,7 +29,9 @@ defines its loss. Everything else is shared and lives here:
 * **Safety**: a non-finite loss stops training with ``NonFiniteLossError`` before the bad step
   updates anything, and a checkpoint is never written from non-finite weights, so the last
   checkpoint on disk is always a good one.
-* **Checkpoints** carry ``model_config`` (``ModelConfig.to_dict()``), ``tokenizer_path``, the RNG
+* **Checkpoints** carry ``model_config`` (the main model's ``ModelConfig.to_dict()``),
+  ``model_configs`` (every model's, by name: ``checkpoints.load_model(path, model=name)`` reads
+  any of them back), ``tokenizer_path``, the RNG
   states of every rank (restored just before the first step after a resume) and the number of
   tokens seen, next to Lightning's own state (optimizer, scheduler, loops, the data-loader position
   of ``llama2_lit.data.loader.ResumableDataLoader``). Lightning 2.6 saves no RNG state in
@@ -37,7 +40,6 @@ defines its loss. Everything else is shared and lives here:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 from dataclasses import dataclass
@@ -50,16 +52,32 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from llama2_lit.config import ModelConfig
+from llama2_lit.config import IGNORE_INDEX, ModelConfig
 from llama2_lit.model import Transformer
-from llama2_lit.parallelize import load_full_state_dict, parallelize_model
+from llama2_lit.stages.models import ModelSource, build_model
 from llama2_lit.stages.strategy import fsdp_options, sharding_mesh
 from llama2_lit.stages.throughput import PeakFlops, ThroughputMeter, peak_flops
 
-# Fields that may differ from an ``init_from`` checkpoint's config: they change no tensor shape.
-_INIT_FROM_OVERRIDABLE = frozenset({"name", "max_seq_len", "rope_theta", "notes"})
-# Fields that determine the tensor shapes (a preset and an init_from checkpoint must agree on them).
-_SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim")
+
+@dataclass(frozen=True)
+class BatchContract:
+    """What a stage reads from a batch (the formats of ``llama2_lit.data.datamodules``).
+
+    ``required``: keys every batch has. ``token_ids``: (B, T) token-id tensors, checked against the
+    vocabulary and the context length and counted as the batch's tokens. ``same_shape``: (key,
+    token-id key) pairs that must have equal shapes (labels, attention masks). ``labels``: target
+    ids, in the vocabulary or -100 (no target).
+    """
+
+    required: tuple[str, ...]
+    token_ids: tuple[str, ...]
+    same_shape: tuple[tuple[str, str], ...] = ()
+    labels: tuple[str, ...] = ()
+
+
+LM_BATCH = BatchContract(required=("input_ids", "labels"), token_ids=("input_ids",),
+                         same_shape=(("labels", "input_ids"),), labels=("labels",))
+"""Pretraining and SFT: ``input_ids`` and pre-shifted ``labels``."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -176,6 +194,8 @@ class StageModule(L.LightningModule):
     """Short name of the stage: run names, W&B job type, run directory."""
     lm_head: ClassVar[bool] = True
     scalar_head: ClassVar[bool] = False
+    batch_contract: ClassVar[BatchContract] = LM_BATCH
+    """The batch this stage reads: checked once (``check_batch``) and counted (``batch_tokens``)."""
 
     def __init__(self, preset: str | None = "nano", init_from: str | None = None,
                  config_overrides: dict[str, Any] | None = None, tokenizer_path: str | None = None,
@@ -184,17 +204,15 @@ class StageModule(L.LightningModule):
                  weight_decay: float = 0.1, decay_embeddings: bool = True, grad_clip: float | None = 1.0,
                  peak_flops: float | None = None) -> None:
         super().__init__()
-        if preset is None and init_from is None:
-            raise ValueError("give a model preset (e.g. preset: nano) or a checkpoint to start from (init_from)")
-        if preset is not None:
-            ModelConfig.from_name(preset)  # fail now on a typo, not after the data is loaded
+        ModelSource(preset=preset, init_from=init_from)  # fail now on a typo, not after the data is loaded
         # tokenizer_path is kept out of hparams: Lightning refuses to log a module and a data module
         # whose hparams share a key with different values, and the data module usually has it.
         self.save_hyperparameters(ignore=["tokenizer_path"])
         self.tokenizer_path = tokenizer_path
         self.model: Transformer | None = None
         self.tokens_seen = 0
-        self._restore_config: ModelConfig | None = None
+        self._model_names: tuple[str, ...] = ("model",)
+        self._restore_configs: dict[str, ModelConfig] | None = None
         self._pending_rng_states: list[dict[str, Any]] | None = None
         self._meter: ThroughputMeter | None = None
 
@@ -205,82 +223,54 @@ class StageModule(L.LightningModule):
             raise RuntimeError("the model is built in configure_model(); call it (or trainer.fit) first")
         return self.model.config
 
-    def restore_weights_from_checkpoint(self, config: ModelConfig) -> None:
-        """Build the model with ``config`` and leave its weights to a checkpoint about to be loaded.
+    def model_sources(self) -> dict[str, ModelSource]:
+        """The models this stage owns, by attribute name; ``"model"`` is the main one.
 
-        The CLI calls this when resuming or evaluating a checkpoint: ``init_from`` is then neither
-        read (it may be large, or gone) nor needed.
+        The default is one trainable model from the stage's own arguments, with the heads the
+        class declares (``lm_head``, ``scalar_head``). A stage with several models (PPO: policy,
+        value, frozen reference and reward models) returns one ``ModelSource`` per model; each is
+        built by ``llama2_lit.stages.models.build_model`` and set as ``self.<name>``.
         """
-        self._restore_config = config
+        hp = self.hparams
+        return {"model": ModelSource(preset=hp.preset, init_from=hp.init_from,
+                                     config_overrides=dict(hp.config_overrides or {}),
+                                     lm_head=self.lm_head, scalar_head=self.scalar_head)}
 
-    def _preset_config(self) -> ModelConfig:
-        overrides = dict(self.hparams.config_overrides or {})
-        return ModelConfig.from_name(self.hparams.preset, **overrides)
+    def stage_models(self) -> dict[str, Transformer]:
+        """The models built so far, by attribute name (empty before ``configure_model``)."""
+        return {name: getattr(self, name) for name in self._model_names if getattr(self, name, None) is not None}
 
-    def _full_model(self, device: torch.device) -> Transformer:
-        """The whole model on ``device``: loaded from ``init_from`` or freshly initialised."""
-        heads = {"lm_head": self.lm_head, "scalar_head": self.scalar_head}
-        if self.hparams.init_from is None:
-            with torch.device(device):
-                return Transformer(self._preset_config(), **heads)
-        from llama2_lit.checkpoints import load_model
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every parameter the optimizer updates and clipping covers, over all models of the stage."""
+        return [parameter for parameter in self.parameters() if parameter.requires_grad]
 
-        overrides = dict(self.hparams.config_overrides or {})
-        if bad := sorted(set(overrides) - _INIT_FROM_OVERRIDABLE):
-            raise ValueError(f"config_overrides {bad} would change the shapes of init_from={self.hparams.init_from}; "
-                             f"only {sorted(_INIT_FROM_OVERRIDABLE)} may be overridden")
-        model = load_model(self.hparams.init_from, device=device, **heads)
-        if self.hparams.preset is not None:
-            preset = ModelConfig.from_name(self.hparams.preset)
-            mismatched = [f"{f}: checkpoint {getattr(model.config, f)}, preset {getattr(preset, f)}"
-                          for f in _SHAPE_FIELDS if getattr(model.config, f) != getattr(preset, f)]
-            if mismatched:
-                raise ValueError(f"init_from={self.hparams.init_from} does not have the shape of preset "
-                                 f"{self.hparams.preset!r} ({'; '.join(mismatched)}); fix the preset or set it to null")
-        # RoPE tables are built lazily from model.config, so changing non-shape fields here is safe.
-        model.config = dataclasses.replace(model.config, **overrides)
-        return model
+    def restore_weights_from_checkpoint(self, config: ModelConfig,
+                                        model_configs: dict[str, dict[str, Any]] | None = None) -> None:
+        """Build the models with these configs and leave their weights to a checkpoint about to be loaded.
+
+        ``config`` is the main model's (``checkpoint["model_config"]``), ``model_configs`` every
+        model's (``checkpoint["model_configs"]``, by name). The CLI calls this when resuming or
+        evaluating a checkpoint: ``init_from`` is then neither read (it may be large, or gone) nor
+        needed.
+        """
+        configs = {name: ModelConfig.from_dict(values) for name, values in (model_configs or {}).items()}
+        configs.setdefault("model", config)
+        self._restore_configs = configs
 
     def configure_model(self) -> None:
-        """Build ``self.model`` on this process's device, sharded if the strategy shards."""
+        """Build every model of ``model_sources`` on this process's device, sharded if the strategy shards."""
         if self.model is not None:
             return  # Lightning calls this hook again for every fit/validate/test
-        strategy = self.trainer.strategy
-        device = strategy.root_device
-        mesh = sharding_mesh(strategy)
-        heads = {"lm_head": self.lm_head, "scalar_head": self.scalar_head}
-        if mesh is None:
-            if self._restore_config is not None:
-                with torch.device("meta"):
-                    model = Transformer(self._restore_config, **heads)
-                model.to_empty(device=device)  # the checkpoint fills every tensor
-            else:
-                model = self._full_model(device)
-            self.model = model
-            return
-
-        # Sharded: the full model exists at most on rank 0, on CPU (see the module docstring).
-        restoring = self._restore_config is not None
-        from_rank0 = not restoring and (self.hparams.init_from is not None or device.type != "cuda")
-        full: Transformer | None = None
-        if restoring:
-            config = self._restore_config
-        elif from_rank0:
-            if strategy.global_rank == 0:
-                full = self._full_model(torch.device("cpu"))
-            config = ModelConfig.from_dict(strategy.broadcast(full.config.to_dict() if full is not None else None))
-        else:
-            config = self._preset_config()
-        with torch.device("meta"):
-            model = Transformer(config, **heads)
-        parallelize_model(model, mesh, **fsdp_options(strategy))
-        model.to_empty(device=device)
-        if from_rank0:
-            load_full_state_dict(model, full.state_dict() if full is not None else {})
-            del full
-        elif not restoring:
-            model.reset_parameters()  # on GPU meshes DTensor draws each shard's part of one stream
-        self.model = model
+        sources = self.model_sources()
+        if "model" not in sources:
+            raise ValueError(f"{type(self).__name__}.model_sources() must name its main model 'model'")
+        self._model_names = tuple(sources)
+        restore = self._restore_configs or {}
+        if restore and (missing := sorted(set(sources) - set(restore))):
+            raise ValueError(f"the checkpoint being restored has no config for model(s) {missing} "
+                             f"(it has {sorted(restore)})")
+        for name, source in sources.items():
+            setattr(self, name, build_model(source, self.trainer.strategy, restore_config=restore.get(name)))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None) -> Tensor:
@@ -289,24 +279,30 @@ class StageModule(L.LightningModule):
     # ------------------------------------------------------------------------------ optimizer
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        groups = optimizer_param_groups(self.model, hp.weight_decay, decay_embeddings=hp.decay_embeddings)
+        # Over the whole stage: every trainable model's parameters (frozen ones are skipped).
+        groups = optimizer_param_groups(self, hp.weight_decay, decay_embeddings=hp.decay_embeddings)
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
         total = hp.total_steps if hp.total_steps is not None else self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError("the cosine schedule needs a length: set trainer.max_steps, trainer.max_epochs, "
                              "or model.init_args.total_steps")
-        if hp.warmup_steps >= total:
-            raise ValueError(f"warmup_steps={hp.warmup_steps} >= the {int(total)} steps of the run: the learning "
+        warmup = self.warmup_steps_for(int(total))
+        if warmup >= total:
+            raise ValueError(f"warmup_steps={warmup} >= the {int(total)} steps of the run: the learning "
                              "rate would never reach its peak; lower model.init_args.warmup_steps")
-        schedule = WarmupCosine(hp.warmup_steps, int(total), hp.min_lr_ratio)
+        schedule = WarmupCosine(warmup, int(total), hp.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def warmup_steps_for(self, total_steps: int) -> int:
+        """Warmup steps of a run of ``total_steps`` optimizer steps (here: ``warmup_steps`` as given)."""
+        return self.hparams.warmup_steps
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Clipping lives here (not in Trainer.gradient_clip_val) so the pre-clip norm is logged and
         # the same code clips plain and sharded (DTensor) gradients.
         max_norm = self.hparams.grad_clip if self.hparams.grad_clip is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         self.log("train/grad_norm", grad_norm)
@@ -331,37 +327,60 @@ class StageModule(L.LightningModule):
         return path or None
 
     def _check_finite_weights(self) -> None:
-        finite = all(bool(torch.isfinite(_local(p.detach())).all()) for p in self.model.parameters())
+        finite = all(bool(torch.isfinite(_local(p.detach())).all()) for p in self.parameters())
         if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
             raise NonFiniteLossError(
                 f"the weights became non-finite by step {self.global_step}; refusing to overwrite the last good "
                 f"checkpoint ({self._last_checkpoint() or 'none yet'}). Lower the learning rate and resume from it."
             )
 
-    def check_batch(self, batch: dict[str, Tensor], required: tuple[str, ...]) -> None:
-        """Check a batch against the contract once, so a data bug fails here and not deep in torch."""
+    def check_batch(self, batch: dict[str, Tensor], required: tuple[str, ...] | None = None) -> None:
+        """Check a batch against the stage's ``batch_contract`` once, so a data bug fails here and not deep in torch.
+
+        ``required`` replaces the contract's list of required keys.
+        """
+        contract = self.batch_contract
+        required = contract.required if required is None else required
         missing = [key for key in required if key not in batch]
         if missing:
             raise KeyError(f"{type(self).__name__} expects batch keys {list(required)}; missing {missing} "
                            f"(got {sorted(batch)})")
-        input_ids = batch["input_ids"]
         vocab = self.config.vocab_size
-        if input_ids.dtype != torch.long or input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be a (batch, seq) long tensor, got "
-                             f"{tuple(input_ids.shape)} {input_ids.dtype}")
-        if input_ids.shape[1] > self.config.max_seq_len:
-            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's max_seq_len "
-                             f"{self.config.max_seq_len} (config_overrides: {{max_seq_len: ...}})")
-        if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
-            raise ValueError(f"token ids span [{int(input_ids.min())}, {int(input_ids.max())}] but the model's "
-                             f"vocab_size is {vocab}: was the data encoded with another tokenizer?")
-        labels = batch.get("labels")
-        if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"labels {tuple(labels.shape)} and input_ids {tuple(input_ids.shape)} differ in shape")
-            real = labels[labels != -100]
-            if real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab):
-                raise ValueError(f"labels outside [0, {vocab}) other than -100 (the ignore index)")
+        for key in contract.token_ids:
+            ids = batch[key]
+            if ids.dtype != torch.long or ids.dim() != 2:
+                raise ValueError(f"{key} must be a (batch, seq) long tensor, got {tuple(ids.shape)} {ids.dtype}")
+            if ids.shape[1] > self.config.max_seq_len:
+                raise ValueError(f"sequence length {ids.shape[1]} of {key} exceeds the model's max_seq_len "
+                                 f"{self.config.max_seq_len} (config_overrides: {{max_seq_len: ...}})")
+            if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+                raise ValueError(f"token ids of {key} span [{int(ids.min())}, {int(ids.max())}] but the model's "
+                                 f"vocab_size is {vocab}: was the data encoded with another tokenizer?")
+        for key, ids_key in contract.same_shape:
+            if key in batch and batch[key].shape != batch[ids_key].shape:
+                raise ValueError(f"{key} {tuple(batch[key].shape)} and {ids_key} {tuple(batch[ids_key].shape)} "
+                                 "differ in shape")
+        for key in contract.labels:
+            labels = batch.get(key)
+            if labels is not None:
+                real = labels[labels != IGNORE_INDEX]
+                if real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab):
+                    raise ValueError(f"{key} outside [0, {vocab}) other than {IGNORE_INDEX} (the ignore index)")
+
+    def batch_tokens(self, batch: dict[str, Tensor]) -> int:
+        """Token positions of a batch on this rank (padding included): what ``train/tokens`` and
+        ``perf/tokens_per_s`` count. The sum over the contract's token-id tensors (a preference
+        pair counts its chosen and its rejected sequence); PPO-like stages override it."""
+        return sum(batch[key].numel() for key in self.batch_contract.token_ids)
+
+    def model_flops_per_token(self, seq_len: int) -> float:
+        """Model FLOPs a training step spends per counted token (MFU's numerator): one forward and
+        backward of the core (``ModelConfig.flops_per_token``). Stages that run more models override it."""
+        return self.config.flops_per_token(seq_len)
+
+    def batch_seq_len(self, batch: dict[str, Tensor]) -> int:
+        """Sequence length of a batch, for the attention FLOPs of MFU."""
+        return max(batch[key].shape[-1] for key in self.batch_contract.token_ids)
 
     # ------------------------------------------------------------------------------ logging
     def on_fit_start(self) -> None:
@@ -379,17 +398,16 @@ class StageModule(L.LightningModule):
         self._meter = None  # started at the first batch
         if self.trainer.is_global_zero:
             print(f"[{self.stage}] {self.config.name}: {self.config.num_parameters():,} parameters; "
-                  f"MFU is against {peak.flops / 1e9:,.0f} GFLOP/s per device ({peak.source})")
+                  f"precision {self.trainer.precision}; MFU is against {peak.flops / 1e9:,.0f} GFLOP/s per device ({peak.source})")
 
     def log_throughput(self, batch: dict[str, Tensor]) -> None:
         """Tokens/s and MFU over the steps since the last log (called from ``on_train_batch_end``)."""
-        input_ids = batch["input_ids"]
         if self._meter is None:
             world = self.trainer.world_size
-            self._meter = ThroughputMeter(self.config.flops_per_token(input_ids.shape[1]), self.peak, world)
+            self._meter = ThroughputMeter(self.model_flops_per_token(self.batch_seq_len(batch)), self.peak, world)
             self._meter.start()
             return  # the first step carries one-off costs (allocations, thread pools): not timed
-        self._meter.update(input_ids.numel())
+        self._meter.update(self.batch_tokens(batch))
         if self.trainer._logger_connector.should_update_logs:
             rates = self._meter.compute()
             if rates:
@@ -421,11 +439,13 @@ class StageModule(L.LightningModule):
                 print(f"[{self.stage}] RNG states not restored: the checkpoint has {len(states)} ranks, "
                       f"this run {self.trainer.world_size}")
         # Counted before the step, so a checkpoint written at its end includes this batch.
-        self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
+        self.tokens_seen += self.batch_tokens(batch) * self.trainer.world_size
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._check_finite_weights()
         checkpoint["model_config"] = self.config.to_dict()
+        # One config per model (by attribute name), so load_model(path, model=name) reads any of them.
+        checkpoint["model_configs"] = {name: model.config.to_dict() for name, model in self.stage_models().items()}
         checkpoint["tokenizer_path"] = self._tokenizer_path()
         checkpoint["tokens_seen"] = self.tokens_seen
         state = rng_state()

@@ -11,7 +11,8 @@ Every run gets a stable directory, ``runs/<stage>-<size>/`` unless ``run.dir`` s
       run.json          name, stage, size, W&B run id (read back on resume)
       config.yaml       the full configuration of the last invocation
       metrics.csv       step,metric,value,time (``llama2-lit runs`` reads it)
-      checkpoints/      step-N.ckpt and last.ckpt (directories when sharded)
+      checkpoints/      step-N.ckpt (directories when sharded); last.ckpt, a link to the newest
+                        complete one (a save is renamed into place and linked only once whole)
       wandb/            the W&B run (offline unless WANDB_MODE says otherwise)
 
 W&B runs are named ``<stage>-<size>-<timestamp>``, grouped by size and typed by stage (job_type),
@@ -50,6 +51,7 @@ from llama2_lit.runs import METRICS_FILE, RUN_INFO_FILE
 from llama2_lit.stages.base import NonFiniteLossError, StageModule
 from llama2_lit.stages.callbacks import StageCheckpoint
 from llama2_lit.stages.loggers import RunCSVLogger
+from llama2_lit.stages.precision import resolve_precision
 from llama2_lit.stages.toy_world import ensure_toy_assets, missing_toy_paths
 
 
@@ -87,6 +89,7 @@ class _RunPlan:
     ckpt_path: str | None
     resume_step: int | None
     checkpoint_config: ModelConfig | None
+    checkpoint_model_configs: dict[str, dict[str, Any]] | None = None
 
 
 def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
@@ -122,6 +125,7 @@ class StageCLI(LightningCLI):
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         self.plan: _RunPlan | None = None
+        self._run_info: tuple[Path, dict[str, Any]] | None = None  # run.json to write once everything is built
         super().__init__(
             model_class=StageModule, subclass_mode_model=True,
             datamodule_class=L.LightningDataModule, subclass_mode_data=True,
@@ -164,6 +168,12 @@ class StageCLI(LightningCLI):
             config.trainer.default_root_dir = str(run_dir)
         checkpoint_dir = Path(config.checkpoint.dirpath)
         is_zero = rank_zero_only.rank == 0
+        # bf16-mixed on a CPU without bf16 units trains in fp32 instead (stages/precision.py).
+        precision, note = resolve_precision(config.trainer.precision, config.trainer.accelerator)
+        if note is not None:
+            config.trainer.precision = precision
+            if is_zero:
+                print(note)
         if is_zero and missing_toy_paths([config.data.as_dict(), config.model.as_dict()]):
             ensure_toy_assets()  # the toy world and its tokenizer, on first use (toy_world.py)
         init_from = init_args.get("init_from")
@@ -174,6 +184,8 @@ class StageCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if ckpt_path == "last":
             last = checkpoint_dir / "last.ckpt"
+            if last.is_symlink() and not last.exists():
+                raise RunDirectoryError(f"--ckpt_path last: {last} links to {os.readlink(last)}, which is gone")
             if last.exists():
                 ckpt_path = str(last)
             else:
@@ -200,17 +212,16 @@ class StageCLI(LightningCLI):
             run_id = _new_run_id()
         if verb == "fit" and resume_step is None and is_zero:
             self._start_fresh(run_dir, checkpoint_dir, options)
+        self._run_info = None
         if verb == "fit" and is_zero and not (resume_step is not None and info_path.is_file()):
-            run_dir.mkdir(parents=True, exist_ok=True)
-            info = {"name": name, "stage": stage, "size": size, "wandb_id": run_id, "project": options.project,
-                    "group": size, "job_type": stage, "created": timestamp}
-            partial = info_path.with_name(info_path.name + ".partial")
-            partial.write_text(json.dumps(info, indent=2) + "\n")
-            partial.replace(info_path)
+            # Written once the model, data and trainer are built: a bad config value leaves no run behind.
+            self._run_info = (info_path, {"name": name, "stage": stage, "size": size, "wandb_id": run_id,
+                                          "project": options.project, "group": size, "job_type": stage,
+                                          "created": timestamp})
         if verb != "fit":
             self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"{verb}-config.yaml"}
         self.plan = _RunPlan(verb, stage, size, run_dir, name, run_id, options, ckpt_path, resume_step,
-                             checkpoint_config)
+                             checkpoint_config, metadata.get("model_configs"))
 
     @staticmethod
     def _start_fresh(run_dir: Path, checkpoint_dir: Path, options: RunOptions) -> None:
@@ -227,10 +238,16 @@ class StageCLI(LightningCLI):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     def after_instantiate_classes(self) -> None:
+        if self._run_info is not None:
+            info_path, info = self._run_info
+            info_path.parent.mkdir(parents=True, exist_ok=True)
+            partial = info_path.with_name(info_path.name + ".partial")
+            partial.write_text(json.dumps(info, indent=2) + "\n")
+            partial.replace(info_path)
         plan = self.plan
         if plan is not None and plan.ckpt_path and plan.checkpoint_config is not None:
             # The weights come from the checkpoint: build the model with its config, skip init_from.
-            self.model.restore_weights_from_checkpoint(plan.checkpoint_config)
+            self.model.restore_weights_from_checkpoint(plan.checkpoint_config, plan.checkpoint_model_configs)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})

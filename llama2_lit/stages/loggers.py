@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import time
-from argparse import Namespace
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -88,5 +87,5 @@ class RunCSVLogger(Logger):
                 writer.writerow([step if step is not None else -1, metric, repr(float(value)), now])
 
     @rank_zero_only
-    def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
         pass  # the run directory has config.yaml (the full CLI config) and W&B has them all

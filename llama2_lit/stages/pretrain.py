@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
+from llama2_lit.config import IGNORE_INDEX
 from llama2_lit.stages.base import StageModule
 
-IGNORE_INDEX = -100
 LM_BATCH_KEYS = ("input_ids", "labels")
 
 

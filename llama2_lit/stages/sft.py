@@ -23,7 +23,8 @@ from typing import Any
 
 from torch import Tensor
 
-from llama2_lit.stages.pretrain import IGNORE_INDEX, PretrainModule
+from llama2_lit.config import IGNORE_INDEX
+from llama2_lit.stages.pretrain import PretrainModule
 
 
 class SFTModule(PretrainModule):

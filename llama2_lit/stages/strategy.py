@@ -15,14 +15,13 @@ checkpointing) or ``fsdp2_bf16`` (bf16 compute, activation checkpointing: the GP
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any
 
-import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 
-DType = Literal["float32", "bfloat16", "float16"]
-_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from llama2_lit.config import DTYPES, DType
+
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -64,8 +63,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         """Keyword arguments of ``llama2_lit.parallelize.parallelize_model``."""
         return {
             "activation_checkpointing": self.activation_checkpointing,
-            "param_dtype": None if self.param_dtype is None else _DTYPES[self.param_dtype],
-            "reduce_dtype": _DTYPES[self.reduce_dtype],
+            "param_dtype": None if self.param_dtype is None else DTYPES[self.param_dtype],
+            "reduce_dtype": DTYPES[self.reduce_dtype],
             "reshard_after_forward": self.reshard_after_forward,
             "cpu_offload": self.cpu_offload,
         }

@@ -6,8 +6,11 @@ recomputation of activation checkpointing, so MFU is comparable across memory se
 
 The peak is the honest part. On a GPU it is the datasheet's dense bf16 tensor-core peak (table
 below, no sparsity); on a CPU there is no such number worth trusting, so it is *measured*: the best
-FLOP/s of a large fp32 matmul on this machine with the threads torch uses. CPU MFU therefore says
-"fraction of what a big matmul achieves here", not "fraction of the silicon's peak".
+FLOP/s of a large matmul on this machine with the threads torch uses, in the precision the run
+computes in (fp32, or bf16 under ``bf16-mixed``: on a CPU with bf16 units a bf16 matmul is several
+times faster, so an fp32 peak would overstate a bf16 run's MFU by as much). CPU MFU therefore says
+"fraction of what a big matmul of this precision achieves here", not "fraction of the silicon's
+peak".
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ def peak_flops(device: torch.device, *, bf16: bool) -> PeakFlops:
     """The peak that MFU is measured against on ``device`` (see the module docstring).
 
     ``bf16``: the run computes its matmuls in bf16/fp16 (mixed precision), so a tensor-core
-    datasheet peak applies; otherwise a GPU peak is measured in fp32 like a CPU's.
+    datasheet peak applies on a GPU, and a CPU's peak is measured with bf16 matrices; otherwise
+    the peak is measured in fp32.
     """
     if device.type == "cuda" and bf16:
         name = torch.cuda.get_device_name(device)
@@ -80,9 +84,9 @@ def peak_flops(device: torch.device, *, bf16: bool) -> PeakFlops:
                 return PeakFlops(flops, f"datasheet dense bf16 peak of {name}")
         measured = measure_matmul_flops(device, torch.bfloat16, size=8192)
         return PeakFlops(measured, f"measured bf16 matmul peak of {name} (not in the datasheet table)")
-    dtype_name = "fp32"
+    dtype, dtype_name = (torch.bfloat16, "bf16") if bf16 else (torch.float32, "fp32")
     size = 8192 if device.type == "cuda" else 1024
-    measured = measure_matmul_flops(device, torch.float32, size=size)
+    measured = measure_matmul_flops(device, dtype, size=size)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"this CPU ({torch.get_num_threads()} threads)"
     return PeakFlops(measured, f"measured {dtype_name} {size}^3 matmul peak of {where}")

@@ -1,0 +1,89 @@
+"""``llama2-lit data`` and ``llama2-lit world``: record files and the toy world."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from llama2_lit.cli.common import CommandError, new_parser
+
+
+def data_main(argv: list[str] | None = None) -> int:
+    """Validate and convert record files.
+
+    llama2-lit data validate FILE --kind KIND      every problem of a file, one line each (exit 1 if any)
+    llama2-lit data convert SRC DST --kind KIND    adapt (HH-RLHF, Alpaca), validate, write JSONL atomically
+                                                   (exit 2 and nothing written if any record is bad)
+    """
+    from llama2_lit.data.records import KINDS, SOURCE_FORMATS
+
+    parser = new_parser("data", data_main.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    validate = commands.add_parser("validate", help="report every problem of a file (exit 1 if any)",
+                                   formatter_class=parser.formatter_class)
+    validate.add_argument("source", help="a .jsonl/.json/.parquet/.txt file or a hub dataset id")
+    convert = commands.add_parser("convert", help="adapt (HH-RLHF, Alpaca) and validate, then write JSONL atomically",
+                                  formatter_class=parser.formatter_class)
+    convert.add_argument("source", help="a .jsonl/.json/.parquet/.txt file or a hub dataset id")
+    convert.add_argument("destination", help="output .jsonl")
+    for command in (validate, convert):
+        command.add_argument("--kind", required=True, choices=KINDS, help="what the records are")
+        command.add_argument("--from", dest="source_format", default="auto", choices=SOURCE_FORMATS,
+                             help="the source's own format, adapted on reading")
+        command.add_argument("--max-chars", type=int, default=None, help="longest allowed example, in characters")
+        command.add_argument("--split", default=None, help="split of a hub dataset (default train)")
+    args = parser.parse_args(argv)
+
+    from llama2_lit.data.records import RecordError, check_records, write_jsonl
+
+    try:
+        records, problems = check_records(args.source, args.kind, split=args.split, max_chars=args.max_chars,
+                                          source_format=args.source_format)
+    except RecordError as error:
+        records, problems = [], error.problems
+    for problem in problems:  # one line each: file, line, field
+        print(problem, file=sys.stderr)
+    if problems:
+        summary = f"{args.source}: {len(problems)} problem(s); {len(records)} valid {args.kind} record(s)"
+        if args.command == "convert":  # a failure: nothing is written
+            raise CommandError(f"{summary}; nothing written to {args.destination}")
+        print(summary, file=sys.stderr)  # validate's answer, not a failure of the command
+        return 1
+    if args.command == "convert":
+        write_jsonl(records, args.destination)
+        print(f"wrote {len(records)} {args.kind} records to {args.destination}")
+    else:
+        print(f"{args.source}: OK, {len(records)} {args.kind} record(s)")
+    return 0
+
+
+def world_main(argv: list[str] | None = None) -> int:
+    """Generate the toy world's data files (or, with --check, verify them against their manifest)."""
+    from llama2_lit.data.world import SIZES
+
+    parser = new_parser("world", world_main.__doc__)
+    parser.add_argument("--out", default="data/world", help="output folder (replaced if it holds a previous world)")
+    parser.add_argument("--seed", type=int, default=0, help="the world's seed")
+    parser.add_argument("--size", default="default", choices=sorted(SIZES), help="how many records of each kind")
+    parser.add_argument("--check", action="store_true", help="only verify the folder's checksums against its manifest")
+    args = parser.parse_args(argv)
+
+    from llama2_lit.data.world import WORLD_VERSION, generate_world, verify_world
+
+    if args.check:
+        problems = verify_world(args.out)
+        for problem in problems:
+            print(problem)
+        print("OK" if not problems else f"{len(problems)} problem(s)")
+        return 1 if problems else 0
+    start = time.perf_counter()
+    out = generate_world(args.out, seed=args.seed, size=args.size)
+    elapsed = time.perf_counter() - start
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    width = max(map(len, manifest["files"]))
+    print(f"toy world v{WORLD_VERSION}, seed {args.seed}, size {args.size}: {out} ({elapsed:.1f} s)")
+    for name, info in manifest["files"].items():
+        print(f"  {name:<{width}}  {info['kind']:<10} {info['records']:>7} records {info['words']:>9} words "
+              f"{info['bytes'] / 1e6:7.2f} MB")
+    return 0
