@@ -38,34 +38,29 @@ def _words(text: str) -> list[str]:
     return re.sub(r"[^a-z0-9]+", " ", text.lower().replace("’", "'").replace("'", "")).split()
 
 
-def full_instruction(spec: Spec) -> str:
+# Constraint type -> (the full instruction of the first turn, its short form), from the spec's fields.
+_INSTRUCTIONS: dict[str, tuple[str, str]] = {
+    "persona": ('Act as {figure}: always begin your reply with "{greeting}".', "Figure: {figure}."),
+    "uppercase": ("Always answer in capital letters.", "Style: capital letters."),
+    "signoff": ('Always end your reply with "{phrase}".', "Sign-off: {phrase}"),
+    "max_words": ("Answer in at most {n} words.", "Limit: {n} words."),
+    "hobby": ("You enjoy {hobby}; mention it in every reply.", "Hobby: {hobby}."),
+}
+
+
+def _instruction(spec: Spec, short: bool) -> str:
     kind = spec["type"]
-    if kind == "persona":
-        return f'Act as {spec["figure"]}: always begin your reply with "{spec["greeting"]}".'
-    if kind == "uppercase":
-        return "Always answer in capital letters."
-    if kind == "signoff":
-        return f'Always end your reply with "{spec["phrase"]}".'
-    if kind == "max_words":
-        return f"Answer in at most {spec['n']} words."
-    if kind == "hobby":
-        return f"You enjoy {spec['hobby']}; mention it in every reply."
-    raise ValueError(f"unknown constraint type {kind!r}; known types are {CONSTRAINT_TYPES}")
+    if kind not in _INSTRUCTIONS:
+        raise ValueError(f"unknown constraint type {kind!r}; known types are {CONSTRAINT_TYPES}")
+    return _INSTRUCTIONS[kind][short].format(**spec)
+
+
+def full_instruction(spec: Spec) -> str:
+    return _instruction(spec, short=False)
 
 
 def short_instruction(spec: Spec) -> str:
-    kind = spec["type"]
-    if kind == "persona":
-        return f"Figure: {spec['figure']}."
-    if kind == "uppercase":
-        return "Style: capital letters."
-    if kind == "signoff":
-        return f"Sign-off: {spec['phrase']}"
-    if kind == "max_words":
-        return f"Limit: {spec['n']} words."
-    if kind == "hobby":
-        return f"Hobby: {spec['hobby']}."
-    raise ValueError(f"unknown constraint type {kind!r}; known types are {CONSTRAINT_TYPES}")
+    return _instruction(spec, short=True)
 
 
 def system_message(specs: list[Spec], *, short: bool = False) -> str:
