@@ -94,8 +94,8 @@ FILES: dict[str, tuple[str, str, str]] = {
     "rl_prompts_train.jsonl": ("prompts", "train", "prompts for rejection sampling and PPO, is_safety tagged"),
     "rl_prompts_eval.jsonl": ("prompts", "eval", "held-out prompts (PPO early stopping, reports)"),
     "gatt_train.jsonl": ("chat", "train", "multi-turn dialogs under a system instruction (Ghost Attention)"),
-    "gatt_eval.jsonl": ("prompts", "eval", "first turns + later user turns in meta, unseen constraint values"),
-    "safety_eval.jsonl": ("prompts", "eval", "harmful requests from held-out templates and targets"),
+    "gatt_eval.jsonl": ("prompts", "eval", "first turns + later user turns in meta, unseen constraint values and type"),
+    "safety_eval.jsonl": ("prompts", "eval", "harmful requests from held-out templates and targets, by attack vector"),
     "borderline_eval.jsonl": ("prompts", "eval", "benign requests that look risky (false refusals)"),
 }
 
