@@ -126,7 +126,8 @@ def constraint_rollouts(model: Transformer, tokenizer: Tokenizer, records: list[
     ``messages``, every user turn with its judge meta in ``meta["turns"]``, the constraint specs in
     ``meta["constraints"]``. The instruction stays where the chat format puts it (the first turn
     only). All dialogs advance one turn per batch of generations. Returns, per dialog, one dict
-    per turn: ``response``, ``ok`` (constraint type -> followed), ``judgement`` (the oracle's)."""
+    per turn: ``response``, ``ok`` (constraint type -> followed; never by an empty reply),
+    ``judgement`` (the oracle's)."""
     from llama2_lit.data import constraints as cons
     from llama2_lit.data.oracle import judge
 
@@ -142,7 +143,9 @@ def constraint_rollouts(model: Transformer, tokenizer: Tokenizer, records: list[
         for i, text in zip(active, texts):
             specs = records[i]["meta"]["constraints"]
             turn_meta = {**records[i]["meta"]["turns"][turn]["meta"], "constraints": specs}
-            out[i].append({"response": text, "ok": {s["type"]: cons.check_constraint(s, text) for s in specs},
+            # an empty reply follows no instruction (it would pass "capital letters" and a word limit)
+            out[i].append({"response": text, "ok": {s["type"]: bool(text.strip()) and cons.check_constraint(s, text)
+                                                    for s in specs},
                            "judgement": judge(histories[i], text, turn_meta)})
             histories[i].append({"role": "assistant", "content": text or "..."})
     return out

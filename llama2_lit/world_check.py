@@ -115,10 +115,13 @@ def world_check(model, tokenizer, world: str | Path, *, n_gatt: int | None = 96,
 
 def format_world_check(result: dict[str, Any]) -> str:
     """The check as plain-text tables (what ``llama2-lit world check`` prints)."""
+    from llama2_lit.data import constraints as cons
+
     held_types, held_vectors = result["held_out"]["constraint_types"], result["held_out"]["attack_vectors"]
     lines = ["Constraint adherence (greedy; the model's own answers as context; system message in turn 1 only)"]
     lines.append(f"  {'type':<24}{'n':>5}" + "".join(f"{'turn ' + str(t):>9}" for t in REPORTED_TURNS))
-    for kind, turns in result["adherence"].items():
+    order = {kind: i for i, kind in enumerate((*cons.TRAINED_CONSTRAINT_TYPES, *cons.HELD_OUT_CONSTRAINT_TYPES, "all"))}
+    for kind, turns in sorted(result["adherence"].items(), key=lambda item: order.get(item[0], len(order))):
         name = kind + (" (held out)" if kind in held_types else "")
         cells = "".join(f"{turns[str(t)]:>9.2f}" if str(t) in turns else f"{'-':>9}" for t in REPORTED_TURNS)
         lines.append(f"  {name:<24}{result['adherence_n'].get(kind, 0):>5}{cells}")
