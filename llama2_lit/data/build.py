@@ -30,8 +30,8 @@ CONSTRAINT_VALUES = {
     "eval": {"hobby": lx.HOBBIES[21:], "signoff": lx.SIGNOFFS[10:]},
 }
 GATT_EVAL_TURNS = 6
-SFT_MIX = (("harmful", 0.075), ("adversarial", 0.02), ("borderline", 0.05), ("wrapped_task", 0.04),
-           ("constrained", 0.30), ("task", 0.515))
+SFT_MIX = (("harmful", 0.06), ("adversarial", 0.025), ("borderline", 0.045), ("wrapped_task", 0.04),
+           ("constrained", 0.30), ("task", 0.53))
 """Shares of the SFT records: direct harmful requests and (rarer) attack-wrapped ones answered
 safely (paper 4.2.2), borderline requests answered helpfully, benign tasks in an attack's wrapper
 (answered: a wrapper alone is no reason to refuse), single-turn tasks under a system constraint
