@@ -59,8 +59,19 @@ def data_main(argv: list[str] | None = None) -> int:
 
 
 def world_main(argv: list[str] | None = None) -> int:
-    """Generate the toy world's data files (or, with --check, verify them against their manifest)."""
+    """Generate the toy world's data files (or, with --check, verify them against their manifest).
+
+    `llama2-lit world check CKPT` measures the RLHF stages' preconditions on a checkpoint instead
+    (llama2_lit.world_check): constraint adherence by turn, violations by attack vector, false
+    refusals, best-of-K headroom and task accuracy.
+    """
     from llama2_lit.data.world import SIZES
+
+    argv = list(argv or [])
+    if argv[:1] == ["check"]:
+        from llama2_lit.world_check import check_main
+
+        return check_main(argv[1:])
 
     parser = new_parser("world", world_main.__doc__)
     parser.add_argument("--out", default="data/world", help="output folder (replaced if it holds a previous world)")
