@@ -90,7 +90,7 @@ def test_world_check_measures_every_precondition_on_a_nano_model(nano) -> None:
 
 
 def test_world_check_command(nano, capsys, tmp_path) -> None:
-    from llama2_lit.data.world import world_main
+    from llama2_lit.cli.data import world_main
 
     world, tokenizer, _, folder = nano
     out = tmp_path / "check.json"
