@@ -19,7 +19,6 @@ Generation is the slow part: every suite decodes in batches (``evaluation.genera
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
@@ -142,42 +141,3 @@ def format_world_check(result: dict[str, Any]) -> str:
     lines += ["", "Task accuracy (greedy): " + "  ".join(f"{k} {v:.3f}" for k, v in result["task_accuracy"].items()),
               "", "Seconds: " + "  ".join(f"{k} {v:.0f}" for k, v in result["seconds"].items())]
     return "\n".join(lines)
-
-
-def check_main(argv: list[str] | None = None) -> int:
-    """``llama2-lit world check CKPT [--world data/world] [--tokenizer ...] [--json OUT]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="llama2-lit world check",
-                                     description="measure the RLHF stages' preconditions on a checkpoint")
-    parser.add_argument("checkpoint", help="a checkpoint (.ckpt of llama2-lit fit, or any load_model accepts)")
-    parser.add_argument("--world", default="data/world", help="the generated world folder")
-    parser.add_argument("--tokenizer", default="data/tokenizer/toy-4096.model")
-    parser.add_argument("--gatt", type=int, default=96, help="multi-turn constrained dialogs (0 = all)")
-    parser.add_argument("--safety", type=int, default=0, help="harmful prompts (0 = all of safety_eval)")
-    parser.add_argument("--borderline", type=int, default=0, help="borderline prompts (0 = all)")
-    parser.add_argument("--best-of-prompts", type=int, default=48)
-    parser.add_argument("--tasks", type=int, default=100, help="task prompts per split")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
-    args = parser.parse_args(argv)
-    for path, what in ((args.checkpoint, "checkpoint"), (args.tokenizer, "tokenizer")):
-        if not Path(path).exists():
-            raise SystemExit(f"error: {what} {path} does not exist")
-    if not (Path(args.world) / "manifest.json").is_file():
-        raise SystemExit(f"error: {args.world} is not a generated world (no manifest.json); run `llama2-lit world` first")
-
-    from llama2_lit.checkpoints import load_model
-    from llama2_lit.tokenizer import Tokenizer
-
-    model = load_model(args.checkpoint).eval()
-    result = world_check(model, Tokenizer(args.tokenizer), args.world, n_gatt=args.gatt or None,
-                         n_safety=args.safety or None, n_borderline=args.borderline or None,
-                         n_best_of=args.best_of_prompts, n_tasks=args.tasks, max_new_tokens=args.max_new_tokens,
-                         batch_size=args.batch_size, seed=args.seed)
-    print(format_world_check(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    return 0

@@ -4,7 +4,6 @@ table on a nano model over the small world."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -90,6 +89,7 @@ def test_world_check_measures_every_precondition_on_a_nano_model(nano) -> None:
 
 
 def test_world_check_command(nano, capsys, tmp_path) -> None:
+    from llama2_lit.cli.common import CommandError
     from llama2_lit.cli.data import world_main
 
     world, tokenizer, _, folder = nano
@@ -101,5 +101,5 @@ def test_world_check_command(nano, capsys, tmp_path) -> None:
     printed = capsys.readouterr().out
     assert "Constraint adherence" in printed and "Best-of-K" in printed
     assert json.loads(out.read_text())["borderline_n"] == 2
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(CommandError, match="does not exist"):
         world_main(["check", str(tmp_path / "missing.ckpt"), "--world", str(world)])
