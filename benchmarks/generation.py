@@ -282,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(["size", "weights", "batch", "mode", "ours tok/s", "HF tok/s", "ours/HF", "ceiling", "same tokens"],
                 rows)
     print(f"ceiling: HF's time over the time of the weight matmuls alone ({args.new_tokens} steps of every weight "
-          "matrix times the batch's rows, in the weights' dtype) -- the largest ours/HF any implementation on torch's matmul "
-          "can reach here")
+          "matrix times the batch's rows, in the weights' dtype) -- the largest ours/HF any implementation on "
+          "torch's matmul can reach here")
 
     if not args.no_ragged:
         print(f"\nRagged batches (sampled, EOS at scattered steps, at most {args.new_tokens} tokens): "
