@@ -281,9 +281,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  done: {' '.join(rows[-1])}", file=sys.stderr, flush=True)
     print_table(["size", "weights", "batch", "mode", "ours tok/s", "HF tok/s", "ours/HF", "ceiling", "same tokens"],
                 rows)
-    print(f"ceiling: HF's time over the time of the weight matmuls alone ({args.new_tokens} steps of every weight matrix times "
-          "the batch's rows, in the weights' dtype) -- the largest ours/HF any implementation on torch's matmul "
-          "can reach here")
+    print(f"ceiling: HF's time over the time of the weight matmuls alone ({args.new_tokens} steps of every weight "
+          "matrix times the batch's rows, in the weights' dtype) -- the largest ours/HF any implementation on "
+          "torch's matmul can reach here")
 
     if not args.no_ragged:
         print(f"\nRagged batches (sampled, EOS at scattered steps, at most {args.new_tokens} tokens): "

@@ -20,7 +20,8 @@ other processes hits both sides equally. This is a benchmark, not a test: nothin
 What to expect on a CPU: both steps run the same matmuls (~70% of the time) and the same flash
 attention kernel (~15%), so eager throughput is close; on a CPU with bf16 units (AVX512-BF16, AMX)
 bf16 matmuls run several times faster than fp32 ones, so the bf16 step is the faster one and the
-element-wise work around the matmuls (fp32 norms, casts) weighs more.
+element-wise work around the matmuls (fp32 norms, casts) weighs more. Our attention runs in fp32
+under CPU autocast (torch's CPU flash attention is slower in bf16); HF's runs in bf16.
 
     python benchmarks/train_step.py                      # micro and mini, seq 256, batch 8, fp32 and bf16
     python benchmarks/train_step.py --sizes micro --precisions bf16 --rounds 3 --threads 1

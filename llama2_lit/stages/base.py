@@ -398,7 +398,8 @@ class StageModule(L.LightningModule):
         self._meter = None  # started at the first batch
         if self.trainer.is_global_zero:
             print(f"[{self.stage}] {self.config.name}: {self.config.num_parameters():,} parameters; "
-                  f"precision {self.trainer.precision}; MFU is against {peak.flops / 1e9:,.0f} GFLOP/s per device ({peak.source})")
+                  f"precision {self.trainer.precision}; "
+                  f"MFU is against {peak.flops / 1e9:,.0f} GFLOP/s per device ({peak.source})")
 
     def log_throughput(self, batch: dict[str, Tensor]) -> None:
         """Tokens/s and MFU over the steps since the last log (called from ``on_train_batch_end``)."""
