@@ -21,7 +21,6 @@ from llama2_lit.model import Transformer
 from llama2_lit.sampling.rejection import (
     RewardModels,
     best_of_k_curves,
-    best_records,
     combined_reward,
     draw_samples,
     expected_max_of_k,

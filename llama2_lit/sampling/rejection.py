@@ -10,8 +10,8 @@ One iteration here:
    prompt and its index k -- not on the batch or the GPU it was drawn on.
 2. **Score** each response with both reward models (``RewardModels``): ``sigmoid`` of the scalar
    head read at the last real token of the finished dialog ``prompt + [assistant: response]``,
-   encoded exactly as the reward models were trained (``encode_dialog``, EOS included) and as the
-   kept sample will be fine-tuned on.
+   encoded exactly as the reward models were trained (``reward_metrics.encode_scored_dialog``, EOS
+   included) and as the kept sample will be fine-tuned on.
 3. **Select** by R_c (section 3.2.3, Eq. 3): the safety score if the prompt is safety-tagged or the
    safety score is below 0.15, else the helpfulness score (``combined_reward``); the best eligible
    sample of each prompt is kept (``select_best``). A sample is eligible when it can be a training
@@ -19,9 +19,9 @@ One iteration here:
    cut at ``max_new_tokens`` would teach the model to stop mid-sentence; the paper does not say).
 4. **Pool** (section 3.2.3: up to RLHF-V3 only the previous iteration's samples were used, which
    caused regressions such as forgotten rhyming; afterwards the top-performing samples of all
-   prior iterations were incorporated): the pool holds the kept sample of every iteration for every prompt, and the
-   fine-tuning set takes, per prompt, the pool's sample with the highest R_c under the *latest*
-   reward models (``update_pool``, ``pool_training_set``; the rule is ours, the paper gives none).
+   prior iterations were incorporated): the pool holds the kept sample of every iteration for
+   every prompt, and the fine-tuning set takes, per prompt, the pool's sample with the highest R_c
+   under the *latest* reward models (``update_pool``, ``pool_training_set``; the rule is ours, the paper gives none).
 5. **Fine-tune** on that set with the SFT module (``configs/<size>/rejection_sampling.yaml``).
 
 **Temperature rescaling** (section 3.2.3, Fig 8: the best temperature moves as the model changes;
@@ -48,15 +48,13 @@ Record formats (``llama2_lit.data.records``): the kept samples are ``chat`` reco
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
 import json
 import math
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
