@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from llama2_lit.model import Transformer
 from llama2_lit.tokenizer import Tokenizer
 
@@ -162,19 +164,6 @@ def adherence_by_turn(rollouts: list[list[dict[str, Any]]]) -> dict[str, dict[in
     return {kind: {turn: _mean(v) for turn, v in sorted(turns.items())} for kind, turns in sorted(counts.items())}
 
 
-def expected_best_of_k(scores: list[float], k: int) -> float:
-    """E[max of k scores drawn without replacement from ``scores``] (the unbiased estimate of
-    best-of-k from n >= k samples: the i-th smallest of n is the maximum of C(i-1, k-1) of the
-    C(n, k) subsets)."""
-    from math import comb
-
-    n = len(scores)
-    if not 1 <= k <= n:
-        raise ValueError(f"best-of-{k} needs at least {k} samples, got {n}")
-    ordered = sorted(scores)
-    return sum(comb(i, k - 1) * s for i, s in enumerate(ordered)) / comb(n, k)
-
-
 def best_of_k(model: Transformer, tokenizer: Tokenizer, records: list[dict], *, ks: tuple[int, ...] = (1, 2, 4, 8, 16),
               temperature: float = 0.6, top_p: float = 1.0, max_new_tokens: int = 64, batch_size: int = 16,
               seed: int = 0, score: str = "helpfulness") -> dict[int, float]:
@@ -192,7 +181,10 @@ def best_of_k(model: Transformer, tokenizer: Tokenizer, records: list[dict], *, 
     for index, record in enumerate(records):
         judged = [judge(prompts[index], t, record.get("meta")) for t in texts[index * n:(index + 1) * n]]
         per_prompt.append([j.safety_score if score == "safety_score" else getattr(j, score) for j in judged])
-    return {k: _mean(expected_best_of_k(scores, k) for scores in per_prompt) for k in ks}
+    from llama2_lit.rlhf.best_of_k import expected_max_of_k
+
+    # Unbiased over all subsets of K of the max(ks) samples (llama2_lit.rlhf.best_of_k).
+    return {k: float(expected_max_of_k(torch.tensor(per_prompt, dtype=torch.float64), k).mean()) for k in ks}
 
 
 def _mean(values) -> float:

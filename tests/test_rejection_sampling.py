@@ -18,14 +18,12 @@ from llama2_lit.checkpoints import save_model
 from llama2_lit.config import ModelConfig
 from llama2_lit.data.records import load_records, validate_record
 from llama2_lit.model import Transformer
+from llama2_lit.rlhf.best_of_k import expected_max_of_k, expected_median_of_k, expected_order_statistic
 from llama2_lit.sampling.rejection import (
     RewardModels,
     best_of_k_curves,
     combined_reward,
     draw_samples,
-    expected_max_of_k,
-    expected_median_of_k,
-    expected_order_statistic,
     pick_agreement,
     pool_training_set,
     predict_rejection_samples,

@@ -164,7 +164,7 @@ def test_reward_score_command_writes_sigmoid_scores_of_both_responses(toy, tmp_p
     assert "no scalar head ('score.weight'): not a reward model" in capsys.readouterr().err.splitlines()[-1]
 
 
-def test_best_of_k_curves_are_nested_and_the_oracle_is_the_ceiling(toy):
+def test_best_of_k_curves_rise_with_k_and_the_oracle_is_the_ceiling(toy):
     tokenizer, world = toy
     torch.manual_seed(0)
     policy = Transformer(NANO).eval()
@@ -180,12 +180,13 @@ def test_best_of_k_curves_are_nested_and_the_oracle_is_the_ceiling(toy):
 
 
 def test_best_of_k_safety_aware_pick_follows_the_safety_first_reward(toy):
-    rewards = pytest.importorskip("llama2_lit.rlhf.rewards")  # written on another branch (safety_first_reward)
+    from llama2_lit.rlhf.rewards import safety_first_reward
+
     tokenizer, world = toy
     torch.manual_seed(0)
     policy = Transformer(NANO).eval()
     helpful, safe = (Transformer(NANO, lm_head=False, scalar_head=True).eval() for _ in range(2))
     result = best_of_k(policy, tokenizer, prompts(world, 6), helpful, safe, ks=(1, 4), max_new_tokens=6)
-    combined = rewards.safety_first_reward(result.helpfulness, result.safety, result.is_safety[:, None].expand(-1, 4))
-    torch.testing.assert_close(result.picks(4)["safety_aware_rm"], combined.argmax(1))
-    assert "safety_aware_rm" in result.table()
+    combined = safety_first_reward(result.helpfulness, result.safety, result.is_safety[:, None].expand(-1, 4))
+    picked = result.oracle.gather(1, combined.argmax(1)[:, None]).mean()
+    assert result.table()["safety_aware_rm"][4] == pytest.approx(float(picked))  # K = all 4: R_c's argmax

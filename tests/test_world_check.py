@@ -8,20 +8,7 @@ import json
 import pytest
 import torch
 
-from llama2_lit.evaluation import adherence_by_turn, expected_best_of_k, rate_by
-
-
-def test_expected_best_of_k_is_the_mean_maximum_over_subsets() -> None:
-    from itertools import combinations
-
-    scores = [0.1, 0.9, 0.4, 0.4, 0.0]
-    for k in range(1, 6):
-        exact = sum(max(c) for c in combinations(scores, k)) / len(list(combinations(scores, k)))
-        assert expected_best_of_k(scores, k) == pytest.approx(exact)
-    assert expected_best_of_k(scores, 1) == pytest.approx(sum(scores) / 5)
-    assert expected_best_of_k(scores, 5) == pytest.approx(0.9)
-    with pytest.raises(ValueError, match="best-of-6 needs at least 6"):
-        expected_best_of_k(scores, 6)
+from llama2_lit.evaluation import adherence_by_turn, rate_by
 
 
 def test_adherence_by_turn_counts_each_type_and_all() -> None:
