@@ -46,7 +46,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                  "sample two responses per prompt from a policy; the oracle annotates preference pairs"),
     "reward": ("llama2_lit.cli.reward:reward_main",
                "reward-model tools (`llama2-lit reward score CKPT --data FILE`)"),
-    "sample": ("llama2_lit.sampling.rejection:sample_main",
+    "sample": ("llama2_lit.cli.sampling:sample_main",
                "rejection sampling: best-of-K samples scored by the reward models, pooled (paper 3.2.3)"),
 }
 
