@@ -6,10 +6,14 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 from conftest import REPO_ROOT
 
+from llama2_lit.checkpoints import load_model
 from llama2_lit.cli.pipeline import demo_main
-from llama2_lit.evaluation import SUITES
+from llama2_lit.evaluation import SUITES, Decoding, evaluation_suites, oracle_answers, suite_summary
+from llama2_lit.stages.toy_world import TOKENIZER_PATH
+from llama2_lit.tokenizer import Tokenizer
 
 STAGES = ["world", "pretrain", "sft", "v1/annotate", "v1/rm_helpfulness", "v1/rm_safety", "v2/annotate",
           "v2/rm_helpfulness", "v2/rm_safety", "ppo", "gatt/data", "gatt/sft", "cd/data", "cd/sft", "evaluate", "report"]
@@ -30,6 +34,15 @@ def test_nano_pipeline_runs_every_stage_reports_and_caches(tmp_path, monkeypatch
         for suite in SUITES:
             assert 0.0 <= model[suite]["helpfulness"] <= 1.0 and model[suite]["n"] == 8, (name, suite)
             assert 0.0 <= model[suite]["violation"] <= 1.0 and 0.0 <= model[suite]["refusal"] <= 1.0
+    # The reported numbers are what the oracle gives the SFT checkpoint's answers, recomputed here from
+    # the checkpoint and the suite's prompts outside the pipeline (same decoding, same seeds).
+    decoding = Decoding(**results["decoding"])
+    suite = evaluation_suites(REPO_ROOT / "data" / "world", 8, seed=decoding.seed)[SUITES[2]]
+    answers = oracle_answers(load_model(out / "sft" / "checkpoints" / "last.ckpt").eval(), Tokenizer(REPO_ROOT / TOKENIZER_PATH),
+                             suite, max_new_tokens=decoding.max_new_tokens, temperature=decoding.temperature,
+                             top_p=decoding.top_p, seed=decoding.seed)
+    assert suite_summary(answers) == pytest.approx(results["models"]["sft"][SUITES[2]], nan_ok=True)
+
     report_summary = json.loads((out / "report" / "DONE.json").read_text())["summary"]
     assert report_summary["val_ppl"] < report_summary["unigram_ppl"] / 2  # pretraining learned more than frequencies
     assert set(results["win_rates"]) == {"pretrained", "ppo", "gatt", "context distillation"}
