@@ -258,13 +258,15 @@ def run_stage(stage: Stage, out: Path, by_name: Mapping[str, Stage], identities:
         if status != 0:
             raise PipelineError(f"stage {stage.name!r}: `llama2-lit fit` exited with status {status} (its error is "
                                 f"above); fix it and run the pipeline again: finished stages are kept"
-                                + (" (this one resumes from its last checkpoint, if it wrote one)" if stage.is_training else ""))
+                                + (" (this one resumes from its last checkpoint, if it wrote one)"
+                                   if stage.is_training else ""))
         summary: dict[str, Any] = {"command": command[1:]}
     else:
         summary = stage.function(stage_dir, **resolve(dict(stage.params), out, by_name)) or {}
     for name in stage.outputs:
         if not output_path(out, stage, name).exists():
-            raise RuntimeError(f"stage {stage.name!r} finished without writing its output {output_path(out, stage, name)}")
+            raise RuntimeError(f"stage {stage.name!r} finished without writing its output "
+                               f"{output_path(out, stage, name)}")
     seconds = time.time() - start
     record = {"key": key, "identity": f"{key}-{time.time_ns()}", "seconds": seconds, "resumed": resume,
               "summary": summary}
@@ -353,13 +355,18 @@ class Budget:
     sft: tuple[tuple[str, Any], ...] = ()
     reward: tuple[tuple[str, Any], ...] = ()
     ppo: tuple[tuple[str, Any], ...] = ()
+    rejection_sampling: tuple[tuple[str, Any], ...] = ()
     gatt: tuple[tuple[str, Any], ...] = ()
     context_distillation: tuple[tuple[str, Any], ...] = ()
     annotate_prompts: int = 64        # per version: train prompts
     annotate_eval_prompts: int = 48   # per version: held-out prompts (the pairs the RMs are tested on)
     gatt_dialogs: int = 64
     gatt_require_adherence: bool = True
+    gatt_eval_dialogs: int = 64       # held-out dialogs of the adherence table (Table 30)
     distill_prompts: int = 64
+    rs_prompts: int = 256             # per version
+    rs_samples: int = 8               # K
+    rs_temperature: float | None = None  # None: the temperature sweep picks it (Fig 8)
     eval_prompts: int = 100
     max_new_tokens: int = 64
     static_pairs: int | None = None  # held-out static pairs per file for the RM tables (None: all)
@@ -379,7 +386,11 @@ BUDGETS: dict[str, Budget] = {
                         ("--checkpoint.every_n_train_steps", 12), ("--trainer.limit_val_batches", 1)),
                    gatt=_steps(10, 10) + (("--trainer.limit_val_batches", 2),),
                    context_distillation=_steps(10, 10) + (("--trainer.limit_val_batches", 2),),
-                   annotate_prompts=48, annotate_eval_prompts=48, gatt_dialogs=16, gatt_require_adherence=False, distill_prompts=32,
+                   rejection_sampling=_steps(10, 10) + (("--trainer.limit_val_batches", 2),
+                                                         ("--trainer.check_val_every_n_epoch", "null")),
+                   rs_prompts=32, rs_samples=4, rs_temperature=0.8,
+                   annotate_prompts=48, annotate_eval_prompts=48, gatt_dialogs=16, gatt_require_adherence=False,
+                   gatt_eval_dialogs=16, distill_prompts=128,
                    eval_prompts=8, max_new_tokens=24, static_pairs=200),
     # The demo: 20 minutes on 2 cores for everything. Not measured end to end yet; the estimates
     # (quiet cores) are pretrain ~3.5 min, SFT ~2.5, the four reward models ~1 each, PPO ~1.5,
@@ -393,7 +404,11 @@ BUDGETS: dict[str, Budget] = {
                          ("--checkpoint.every_n_train_steps", 20), ("--trainer.limit_val_batches", 1)),
                     gatt=_steps(60, 60) + (("--trainer.limit_val_batches", 5),),
                     context_distillation=_steps(40, 40) + (("--trainer.limit_val_batches", 5),),
-                    annotate_prompts=192, annotate_eval_prompts=64, gatt_dialogs=96, distill_prompts=128, eval_prompts=64, max_new_tokens=48),
+                    rejection_sampling=_steps(60, 60) + (("--trainer.limit_val_batches", 5),
+                                                          ("--trainer.check_val_every_n_epoch", "null")),
+                    rs_prompts=128, rs_samples=8,
+                    annotate_prompts=192, annotate_eval_prompts=64, gatt_dialogs=96, distill_prompts=128,
+                    eval_prompts=64, max_new_tokens=48),
 }
 
 
@@ -423,7 +438,7 @@ def recipe(size: str = "micro", versions: int = 2, budget: Budget | None = None)
         Stage("sft", ("pretrain",), config=config_path(size, "sft"),
               overrides=(("--model.init_args.init_from", "${pretrain}"), *b.sft), about="SFT (3.1)"),
     ]
-    policy = "sft"  # the latest policy; a rejection-sampling stage per version will update it (3.2.3)
+    policy = "sft"  # the latest policy: each version's rejection-sampling fine-tuning replaces it (3.2.3)
     annotated: list[str] = []
     rms: dict[str, str] = {}
     for v in range(1, versions + 1):
@@ -449,8 +464,23 @@ def recipe(size: str = "micro", versions: int = 2, budget: Budget | None = None)
                 ("--data.init_args.val_files", [*val, f"${{{annotate}.eval}}"]), *b.reward),
                 tags=("rm", f"v{v}"), about=f"RLHF-V{v}: {kind} RM on static + {len(annotated)} annotated batch(es)"))
             rms[kind] = name
-        # TODO(rejection sampling): when sampling/rejection.py is in main, add here a
-        # f"v{v}/rejection_sampling" stage (inputs: policy and both RMs) and set policy to it.
+        # Rejection sampling from the latest policy with this version's RMs, pooled with every earlier
+        # version's kept samples, then SFT on the pool's best (3.2.3); its model is the next policy.
+        rs, earlier = f"v{v}/rs", [f"v{k}/rs" for k in range(1, v)]
+        stages.append(Stage(rs, (policy, rms["helpfulness"], rms["safety"], *earlier[-1:]),
+                            function=rejection_sampling_stage, params={
+                                "policy": f"${{{policy}}}", "rm_helpfulness": f"${{{rms['helpfulness']}}}",
+                                "rm_safety": f"${{{rms['safety']}}}",
+                                "previous_pool": f"${{{earlier[-1]}.pool}}" if earlier else None,
+                                "prompts": f"{WORLD}/rl_prompts_train.jsonl", "version": v,
+                                "num_prompts": b.rs_prompts, "num_samples": b.rs_samples,
+                                "temperature": b.rs_temperature, "max_new_tokens": b.max_new_tokens},
+                            outputs={"train": "train.jsonl", "pool": "pool.jsonl"}, tags=("rs", f"v{v}"),
+                            about=f"RLHF-V{v}: best-of-{b.rs_samples} from {policy} by the V{v} RMs, pooled (3.2.3)"))
+        stages.append(Stage(f"{rs}_sft", (policy, rs), config=config_path(size, "rejection_sampling"), overrides=(
+            ("--model.init_args.init_from", f"${{{policy}}}"), ("--data.init_args.train_files", [f"${{{rs}.train}}"]),
+            *b.rejection_sampling), tags=("rs", f"v{v}"), about=f"RLHF-V{v}: fine-tuning on the pool's best"))
+        policy = f"{rs}_sft"
     stages.append(Stage("ppo", (policy, rms["helpfulness"], rms["safety"]), config=config_path(size, "ppo"), overrides=(
         ("--model.init_args.init_from", f"${{{policy}}}"),
         ("--model.init_args.value_from", f"${{{rms['helpfulness']}}}"),
@@ -474,13 +504,16 @@ def recipe(size: str = "micro", versions: int = 2, budget: Budget | None = None)
             ("--model.init_args.init_from", "${gatt/sft}"), ("--data.init_args.train_files", ["${cd/data.train}"]),
             *b.context_distillation), tags=("cd",), about="safety context distillation (4.2.4)"),
     ]
-    models = {"pretrained": "pretrain", "sft": "sft", "ppo": "ppo", "gatt": "gatt/sft", "context distillation": "cd/sft"}
+    models = {"pretrained": "pretrain", "sft": "sft", **{f"rejection sampling V{v}": f"v{v}/rs_sft" for v in
+                                                         range(1, versions + 1)},
+              "ppo": "ppo", "gatt": "gatt/sft", "context distillation": "cd/sft"}
     rm_stages = [s.name for s in stages if "rm" in s.tags]
     stages.append(Stage("evaluate", (*models.values(), *annotated, *rm_stages), function=evaluate_stage, params={
         "models": {label: f"${{{name}}}" for label, name in models.items()},
         "reward_models": {name: f"${{{name}}}" for name in rm_stages},
         "fresh_pairs": {a.split("/")[0]: f"${{{a}.eval}}" for a in annotated},
-        "eval_prompts": b.eval_prompts, "max_new_tokens": b.max_new_tokens, "static_pairs": b.static_pairs},
+        "eval_prompts": b.eval_prompts, "max_new_tokens": b.max_new_tokens, "static_pairs": b.static_pairs,
+        "gatt_dialogs": b.gatt_eval_dialogs},
         outputs={"results": "results.json", "table": "results.md"}, tags=("report",),
         about="the evaluation suite on every stage's model"))
     stages.append(Stage("report", tuple(s.name for s in stages), function=report_stage, params={
@@ -533,6 +566,28 @@ def annotate_stage(stage_dir: Path, *, policy: str, prompts: str, eval_prompts: 
     return summary
 
 
+def rejection_sampling_stage(stage_dir: Path, *, policy: str, rm_helpfulness: str, rm_safety: str,
+                             previous_pool: str | None, prompts: str, version: int, num_prompts: int,
+                             num_samples: int, temperature: float | None, max_new_tokens: int) -> dict[str, Any]:
+    """One rejection-sampling iteration (``sampling.rejection.run_rejection_sampling_iteration``) without
+    its fine-tuning (the next stage): best-of-K from the latest policy by R_c, added to the pool of the
+    earlier versions (copied from ``previous_pool``), and the fine-tuning set drawn from the pool.
+    Each version samples the next slice of the prompts."""
+    from llama2_lit.data.records import load_records, write_records
+    from llama2_lit.sampling.rejection import run_rejection_sampling_iteration
+
+    if previous_pool is not None:
+        shutil.copy(previous_pool, stage_dir / "pool.jsonl")
+    records = load_records(prompts, "prompts")[(version - 1) * num_prompts: version * num_prompts]
+    write_records(records, stage_dir / "prompts.jsonl", "prompts")
+    summary = run_rejection_sampling_iteration(
+        policy, rm_helpfulness, rm_safety, stage_dir / "prompts.jsonl", stage_dir, iteration=version,
+        num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens, sweep_prompts=24,
+        tokenizer_path=TOKENIZER, wandb=False)
+    shutil.copy(stage_dir / f"iteration-{version}" / "train.jsonl", stage_dir / "train.jsonl")
+    return {key: value for key, value in summary.items() if key != "curves"} | {"curves": summary.get("curves")}
+
+
 def gatt_data_stage(stage_dir: Path, *, policy: str, dialogs: str, num_dialogs: int, require_adherence: bool,
                     max_new_tokens: int) -> dict[str, Any]:
     """Ghost Attention dialogs sampled from the latest RLHF model (``sampling.gatt``)."""
@@ -573,9 +628,10 @@ def context_distillation_stage(stage_dir: Path, *, policy: str, safety_rm: str, 
 
 def evaluate_stage(stage_dir: Path, *, models: dict[str, str], reward_models: dict[str, str],
                    fresh_pairs: dict[str, str], eval_prompts: int, max_new_tokens: int,
-                   static_pairs: int | None = None) -> dict[str, Any]:
+                   static_pairs: int | None = None, gatt_dialogs: int = 64) -> dict[str, Any]:
     """The evaluation suite on every stage's model; every version's RMs on the static held-out pairs
-    (Table 8; the first ``static_pairs`` of each file) and on every version's fresh pairs."""
+    (Table 8; the first ``static_pairs`` of each file) and on every version's fresh pairs; constraint
+    adherence by turn on ``gatt_dialogs`` held-out dialogs before and after Ghost Attention (Table 30)."""
     from llama2_lit.data.records import load_records
     from llama2_lit.evaluation import Decoding, evaluate_checkpoints, reward_model_accuracy, results_markdown
     from llama2_lit.reward_metrics import load_reward_model
@@ -599,6 +655,15 @@ def evaluate_stage(stage_dir: Path, *, models: dict[str, str], reward_models: di
                           "fresh": {v: reward_model_accuracy(model, tokenizer, records)["avg"]
                                     for v, records in fresh.items()}}
     results["reward_model_versions"] = versions
+    # Table 30: constraint adherence turn by turn, before Ghost Attention (the PPO model) and after.
+    from llama2_lit.checkpoints import load_model
+    from llama2_lit.evaluation import adherence_by_turn, constraint_rollouts
+
+    dialogs = load_records(f"{WORLD}/gatt_eval.jsonl", "prompts")[:gatt_dialogs]
+    results["adherence_by_turn"] = {
+        label: adherence_by_turn(constraint_rollouts(load_model(models[label]).eval(), tokenizer, dialogs,
+                                                     max_new_tokens=max_new_tokens))
+        for label in ("ppo", "gatt", "context distillation") if label in models}
     _write_json(stage_dir / "results.json", results)
     (stage_dir / "results.md").write_text(results_markdown(results))
     return {"models": list(results["models"])}
@@ -717,7 +782,7 @@ def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path, 
                      f"{_fmt(held['helpfulness_se'])} | {_fmt(held.get('accuracy'))} | {_fmt(seen['helpfulness'])} ± "
                      f"{_fmt(seen['helpfulness_se'])} | {_fmt(harmful['helpfulness'])} | {_fmt(harmful['violation'])} "
                      f"| {_fmt(border['refusal'])} |")
-    order_models = [n for n in ("pretrained", "sft", "ppo", "gatt", "context distillation") if n in models]
+    order_models = list(models)
     xs = order_models  # categorical axis: one point per stage's model
     _plot(plots / "stages.png", [("oracle scores after each stage", {
         "helpfulness (held-out tasks)": (xs, [models[n][SUITES[0]]["helpfulness"] for n in order_models]),
@@ -759,12 +824,30 @@ def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path, 
         for name, entry in versions.items():
             lines.append(f"| {name} | " + " | ".join(_fmt(entry["fresh"][v]) for v in fresh_versions) + " |")
         annotate = [n for n in order if n.endswith("/annotate")]
-        lines += ["", "| version | train pairs | held-out pairs | ties skipped | ratings (train) |", "|---|---|---|---|---|"]
+        lines += ["", "| version | train pairs | held-out pairs | ties skipped | ratings (train) |",
+                  "|---|---|---|---|---|"]
         for name in annotate:
             summary = records[name]["summary"]
             lines.append(f"| {name.split('/')[0]} | {summary['train']['pairs']} | {summary['eval']['pairs']} | "
                          f"{summary['train']['ties'] + summary['eval']['ties']} | "
                          f"{', '.join(f'{k}: {v}' for k, v in sorted(summary['train']['ratings'].items()))} |")
+
+    # Rejection sampling
+    rs = [n for n in order if n.endswith("/rs")]
+    if rs:
+        lines += ["", "## Rejection sampling (paper 3.2.3)", "",
+                  "Each version samples K answers per prompt from the latest policy, keeps the one with the highest "
+                  "R_c by that version's reward models, adds it to the pool of every earlier version, and fine-tunes "
+                  "on the pool's best sample per prompt (scored by the latest reward models).", "",
+                  "| version | K | temperature | prompts | kept | pool | train (from earlier versions) | R_c of kept | "
+                  "R_c of all samples | RM pick = oracle pick |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for name in rs:
+            r = records[name]["summary"]
+            agreement = next((v for k, v in r.items() if "agree" in k and isinstance(v, float)), None)
+            lines.append(f"| {name.split('/')[0]} | {r['num_samples']} | {_fmt(r['temperature'], 2)} | "
+                         f"{r['prompts']} | "
+                         f"{r['kept']} | {r['pool']} | {r['train']} ({r['train_from_earlier_iterations']}) | "
+                         f"{_fmt(r['reward_kept_mean'])} | {_fmt(r['reward_sample_mean'])} | {_fmt(agreement)} |")
 
     # PPO
     if (out / "ppo" / "metrics.csv").is_file():
@@ -782,7 +865,8 @@ def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path, 
                   "oracle's helpfulness of the same training rollouts: if the first rises while the second falls, "
                   "the policy is hacking the reward models.", "",
                   "| | first iteration | last iteration |", "|---|---|---|",
-                  f"| RM reward R_c | {_fmt(reward[0][1] if reward else None)} | {_fmt(reward[-1][1] if reward else None)} |",
+                  f"| RM reward R_c | {_fmt(reward[0][1] if reward else None)} | "
+                  f"{_fmt(reward[-1][1] if reward else None)} |",
                   f"| oracle helpfulness | {_fmt(oracle[0][1] if oracle else None)} | "
                   f"{_fmt(oracle[-1][1] if oracle else None)} |", "", "![PPO](ppo.png)"]
 
@@ -797,6 +881,15 @@ def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path, 
                   "sampled answers by turn:", "",
                   "| turn | " + " | ".join(str(t) for t in by_turn) + " |", "|---|" + "---|" * len(by_turn),
                   "| adherence | " + " | ".join(_fmt(v) for v in by_turn.values()) + " |"]
+    adherence = results.get("adherence_by_turn", {})
+    if adherence:
+        turns = sorted({t for table in adherence.values() for t in table.get("all", {})}, key=int)
+        lines += ["", "Constraint adherence turn by turn on held-out dialogs (Table 30's layout: the share of replies "
+                  "that follow every constraint of the system instruction, the instruction given in the first turn "
+                  "only), before Ghost Attention and after:", "",
+                  "| model | " + " | ".join(f"turn {t}" for t in turns) + " |", "|---|" + "---|" * len(turns)]
+        for label, table in adherence.items():
+            lines.append(f"| {label} | " + " | ".join(_fmt(table.get("all", {}).get(t)) for t in turns) + " |")
     if "cd/data" in records:
         c = records["cd/data"]["summary"]
         with_pre, without = c["score_with"], c["score_without"]
@@ -827,7 +920,8 @@ def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path, 
     lines += ["", "## Sample answers", ""]
     for suite in SUITES:
         lines.append(f"**{suite}**")
-        lines += [f"- {name}: {results['samples'][name][suite][0]!r}" for name in models if results["samples"][name][suite]]
+        lines += [f"- {name}: {results['samples'][name][suite][0]!r}" for name in models
+                  if results["samples"][name][suite]]
         lines.append("")
     return "\n".join(lines) + "\n"
 

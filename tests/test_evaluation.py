@@ -57,4 +57,5 @@ def test_evaluate_verb_names_a_missing_checkpoint_in_one_line(capsys, tmp_path):
     from llama2_lit.cli import run_verb
 
     assert run_verb("evaluate", [str(tmp_path / "nope.ckpt")]) == 2
-    assert capsys.readouterr().err.strip() == f"llama2-lit evaluate: error: checkpoint {tmp_path / 'nope.ckpt'} does not exist"
+    missing = tmp_path / "nope.ckpt"
+    assert capsys.readouterr().err.strip() == f"llama2-lit evaluate: error: checkpoint {missing} does not exist"

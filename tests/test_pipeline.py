@@ -15,8 +15,10 @@ from llama2_lit.evaluation import SUITES, Decoding, evaluation_suites, oracle_an
 from llama2_lit.stages.toy_world import TOKENIZER_PATH
 from llama2_lit.tokenizer import Tokenizer
 
-STAGES = ["world", "pretrain", "sft", "v1/annotate", "v1/rm_helpfulness", "v1/rm_safety", "v2/annotate",
-          "v2/rm_helpfulness", "v2/rm_safety", "ppo", "gatt/data", "gatt/sft", "cd/data", "cd/sft", "evaluate", "report"]
+STAGES = ["world", "pretrain", "sft", "v1/annotate", "v1/rm_helpfulness", "v1/rm_safety", "v1/rs", "v1/rs_sft",
+          "v2/annotate", "v2/rm_helpfulness", "v2/rm_safety", "v2/rs", "v2/rs_sft", "ppo", "gatt/data", "gatt/sft",
+          "cd/data", "cd/sft", "evaluate", "report"]
+MODELS = ["pretrained", "sft", "rejection sampling V1", "rejection sampling V2", "ppo", "gatt", "context distillation"]
 
 
 def test_nano_pipeline_runs_every_stage_reports_and_caches(tmp_path, monkeypatch, capsys):
@@ -28,7 +30,7 @@ def test_nano_pipeline_runs_every_stage_reports_and_caches(tmp_path, monkeypatch
     for stage in STAGES:
         assert json.loads((out / stage / "DONE.json").read_text())["seconds"] > 0, stage
     results = json.loads((out / "evaluate" / "results.json").read_text())
-    assert list(results["models"]) == ["pretrained", "sft", "ppo", "gatt", "context distillation"]
+    assert list(results["models"]) == MODELS
     for name, model in results["models"].items():
         assert model["perplexity"] > 1.0
         for suite in SUITES:
@@ -38,14 +40,14 @@ def test_nano_pipeline_runs_every_stage_reports_and_caches(tmp_path, monkeypatch
     # the checkpoint and the suite's prompts outside the pipeline (same decoding, same seeds).
     decoding = Decoding(**results["decoding"])
     suite = evaluation_suites(REPO_ROOT / "data" / "world", 8, seed=decoding.seed)[SUITES[2]]
-    answers = oracle_answers(load_model(out / "sft" / "checkpoints" / "last.ckpt").eval(), Tokenizer(REPO_ROOT / TOKENIZER_PATH),
-                             suite, max_new_tokens=decoding.max_new_tokens, temperature=decoding.temperature,
+    answers = oracle_answers(load_model(out / "sft" / "checkpoints" / "last.ckpt").eval(),
+                             Tokenizer(REPO_ROOT / TOKENIZER_PATH), suite, max_new_tokens=decoding.max_new_tokens, temperature=decoding.temperature,
                              top_p=decoding.top_p, seed=decoding.seed)
     assert suite_summary(answers) == pytest.approx(results["models"]["sft"][SUITES[2]], nan_ok=True)
 
     report_summary = json.loads((out / "report" / "DONE.json").read_text())["summary"]
     assert report_summary["val_ppl"] < report_summary["unigram_ppl"] / 2  # pretraining learned more than frequencies
-    assert set(results["win_rates"]) == {"pretrained", "ppo", "gatt", "context distillation"}
+    assert set(results["win_rates"]) == set(MODELS) - {"sft"}
     for entry in results["win_rates"].values():
         assert entry["baseline"] == "sft"
         for judge in ("oracle", "reward_model"):
@@ -58,7 +60,7 @@ def test_nano_pipeline_runs_every_stage_reports_and_caches(tmp_path, monkeypatch
     report = (out / "report.md").read_text()
     for heading in ("## Pretraining", "## Helpfulness, violations and false refusals after every stage",
                     "### Win rate against SFT", "### Accuracy by rating on the static held-out pairs",
-                    "### Accuracy on each version's fresh pairs", "## PPO", "## Ghost Attention",
+                    "### Accuracy on each version's fresh pairs", "## Rejection sampling", "## PPO", "## Ghost Attention",
                     "## Safety context distillation"):
         assert heading in report, heading
     number = r"\d\.\d{3}"
@@ -72,10 +74,8 @@ def test_nano_pipeline_runs_every_stage_reports_and_caches(tmp_path, monkeypatch
     capsys.readouterr()
     assert demo_main(argv) == 0  # everything cached: no training this time
     printed = capsys.readouterr().out
-    assert "16 cached, 0 to run" in printed and " ran " not in printed
+    assert f"{len(STAGES)} cached, 0 to run" in printed and " ran " not in printed
 
     assert demo_main([*argv, "--plan", "--force", "rm"]) == 0
     planned = dict(line.split()[:2] for line in capsys.readouterr().out.splitlines())
-    assert [stage for stage in STAGES if planned[stage] == "run"] == [
-        "v1/rm_helpfulness", "v1/rm_safety", "v2/rm_helpfulness", "v2/rm_safety", "ppo", "gatt/data", "gatt/sft",
-        "cd/data", "cd/sft", "evaluate", "report"]
+    assert [stage for stage in STAGES if planned[stage] == "run"] == STAGES[STAGES.index("v1/rm_helpfulness"):]

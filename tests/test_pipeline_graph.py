@@ -43,8 +43,12 @@ def test_force_rm_reruns_exactly_the_stages_downstream_of_the_reward_models():
     stages = recipe("nano", versions=2)
     assert select(stages, ["rm"]) == {"v1/rm_helpfulness", "v1/rm_safety", "v2/rm_helpfulness", "v2/rm_safety"}
     assert downstream(stages, select(stages, ["rm"])) == {
-        "v1/rm_helpfulness", "v1/rm_safety", "v2/rm_helpfulness", "v2/rm_safety",
-        "ppo", "gatt/data", "gatt/sft", "cd/data", "cd/sft", "evaluate", "report"}
+        "v1/rm_helpfulness", "v1/rm_safety", "v1/rs", "v1/rs_sft", "v2/annotate", "v2/rm_helpfulness", "v2/rm_safety",
+        "v2/rs", "v2/rs_sft", "ppo", "gatt/data", "gatt/sft", "cd/data", "cd/sft", "evaluate", "report"}
+    # Version 2 annotates the samples of version 1's rejection-sampling model; PPO starts from version 2's.
+    by_name = {s.name: s for s in stages}
+    assert by_name["v2/annotate"].inputs == ("v1/rs_sft",) and by_name["ppo"].inputs[0] == "v2/rs_sft"
+    assert "v1/rs" in by_name["v2/rs"].inputs  # the pool of earlier versions
     # Versions: v2's reward models also read v1's pairs; v1's do not read v2's.
     assert "v2/rm_safety" in downstream(stages, {"v1/annotate"})
     assert "v1/rm_safety" not in downstream(stages, {"v2/annotate"})

@@ -24,7 +24,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     from llama2_lit.evaluation import Decoding, evaluate_checkpoints, results_markdown
 
     parser = new_parser("evaluate", evaluate_main.__doc__)
-    parser.add_argument("checkpoints", nargs="+", help="policy checkpoints (PATH or NAME=PATH); the first is the baseline")
+    parser.add_argument("checkpoints", nargs="+",
+                        help="policy checkpoints (PATH or NAME=PATH); the first is the baseline")
     parser.add_argument("--world", type=Path, default=Path("data/world"), help="the toy world's files")
     parser.add_argument("--tokenizer", type=Path, default=Path("data/tokenizer/toy-4096.model"))
     parser.add_argument("--prompts", type=int, default=100, help="prompts per suite")

@@ -29,7 +29,8 @@ def demo_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="delete --out first and run everything again")
     parser.add_argument("--plan", action="store_true", help="show the stages and what each would do; run nothing")
     parser.add_argument("--group", default=None, help="W&B group of the pipeline's runs (default: demo-<size>-<out>)")
-    parser.add_argument("--eval-prompts", type=int, default=None, help="prompts per evaluation suite (default: the size's)")
+    parser.add_argument("--eval-prompts", type=int, default=None,
+                        help="prompts per evaluation suite (default: the size's)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="longest sampled answer (default: the size's)")
     parser.add_argument("--in-process", action="store_true",
                         help="run the training stages in this process instead of one `llama2-lit fit` subprocess "
