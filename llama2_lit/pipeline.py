@@ -13,14 +13,13 @@ inputs may be named. ``recipe(size, versions)`` builds the paper's order at toy 
     v<k>/annotate         fresh preference pairs on the latest policy's samples, annotated by the oracle (3.2.1)
     v<k>/rm_helpfulness   both reward models retrained from the SFT checkpoint on the static pairs and
     v<k>/rm_safety          every annotated batch so far (3.2.2)
-    ppo                   the last version: PPO from the latest policy with the latest reward models (3.2.3)
+    v<k>/rs, v<k>/rs_sft  best-of-K from the latest policy by these RMs, pooled with the earlier versions'
+                          kept samples, then SFT on the pool's best: the next policy (3.2.3)
+    ppo                   the last version: PPO from its rejection-sampling model with its reward models (3.2.3)
     gatt/data, gatt/sft   Ghost Attention data sampled from the PPO model, then SFT on it (3.3)
     cd/data, cd/sft       safety context distillation data, kept by the safety RM, then SFT (4.2.4)
     evaluate              the evaluation suite on every stage's model (llama2_lit.evaluation)
     report                OUT/report.md, its plots and OUT/report.html
-
-Rejection sampling (3.2.3) is not in this graph yet: each version's policy is the SFT model until
-a ``v<k>/rejection_sampling`` stage joins it (``recipe`` says where).
 
 Caching: a finished stage writes ``OUT/<name>/DONE.json`` with its *key* — a hash of its config
 file, overrides, parameters and the identities of its inputs — and an *identity* (its key and
@@ -29,6 +28,7 @@ config reruns that stage and, because its identity changes, everything downstrea
 ``--force STAGE`` (a name, or a tag such as ``rm``) reruns the matching stages and everything
 downstream of them. An interrupted training stage resumes from its ``last.ckpt`` (``--ckpt_path
 last``: optimizer, schedule, data position and RNG restored) when its key has not changed.
+A function's code is not part of its key: after editing one, ``--force`` its stage.
 """
 
 from __future__ import annotations
@@ -840,14 +840,15 @@ def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path, 
                   "R_c by that version's reward models, adds it to the pool of every earlier version, and fine-tunes "
                   "on the pool's best sample per prompt (scored by the latest reward models).", "",
                   "| version | K | temperature | prompts | kept | pool | train (from earlier versions) | R_c of kept | "
-                  "R_c of all samples | RM pick = oracle pick |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "R_c of all samples | oracle score: RM's pick | random pick | oracle's pick |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name in rs:
             r = records[name]["summary"]
-            agreement = next((v for k, v in r.items() if "agree" in k and isinstance(v, float)), None)
             lines.append(f"| {name.split('/')[0]} | {r['num_samples']} | {_fmt(r['temperature'], 2)} | "
-                         f"{r['prompts']} | "
-                         f"{r['kept']} | {r['pool']} | {r['train']} ({r['train_from_earlier_iterations']}) | "
-                         f"{_fmt(r['reward_kept_mean'])} | {_fmt(r['reward_sample_mean'])} | {_fmt(agreement)} |")
+                         f"{r['prompts']} | {r['kept']} | {r['pool']} | {r['train']} ({r['train_from_earlier_iterations']}) | "
+                         f"{_fmt(r['reward_kept_mean'])} | {_fmt(r['reward_sample_mean'])} | "
+                         f"{_fmt(r.get('oracle_of_pick'))} | {_fmt(r.get('oracle_mean'))} | "
+                         f"{_fmt(r.get('oracle_of_oracle_pick'))} |")
 
     # PPO
     if (out / "ppo" / "metrics.csv").is_file():
