@@ -47,6 +47,7 @@ notebooks: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/generation.py
+	$(BIN)/python benchmarks/ppo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs wandb lightning_logs
