@@ -40,6 +40,11 @@ machine shared with other work, wall time includes waiting for a core, CPU time 
 
     python benchmarks/ppo.py                         # micro (dim 256, 6 layers), 6 timed rounds
     python benchmarks/ppo.py --size nano --rounds 4
+    python benchmarks/ppo.py --threads 1             # on a machine shared with other work
+
+On a CPU that other processes keep busy, several threads per process wait on each other at every
+small kernel, and a decode loop of small kernels suffers most: there, ``--threads 1`` measures the
+work instead of the contention.
 """
 
 from __future__ import annotations
