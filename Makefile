@@ -28,25 +28,26 @@ venv: $(STAMP)
 # pytest exits 5 when it collects nothing (e.g. no notebooks yet): not a failure.
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS) tests || [ $$? -eq 5 ]
-	$(BIN)/python -m pytest --nbmake --nbmake-timeout=900 $(PYTEST_ARGS) notebooks || [ $$? -eq 5 ]
+	LLAMA2_LIT_NOTEBOOK_SCALE=ci $(BIN)/python -m pytest --nbmake --nbmake-timeout=900 $(PYTEST_ARGS) notebooks || [ $$? -eq 5 ]
 
 ## Everything, slow tests included.
 test-all: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests || [ $$? -eq 5 ]
-	$(BIN)/python -m pytest --nbmake --nbmake-timeout=900 $(PYTEST_ARGS) notebooks || [ $$? -eq 5 ]
+	LLAMA2_LIT_NOTEBOOK_SCALE=ci $(BIN)/python -m pytest --nbmake --nbmake-timeout=900 $(PYTEST_ARGS) notebooks || [ $$? -eq 5 ]
 
 ## The main job: the recipe end to end on the toy world (CPU, minutes).
 demo: $(STAMP)
 	$(BIN)/python -m llama2_lit demo --size micro --out runs/demo
 
-## Execute every notebook in place.
+## Execute every notebook in place, at the size a reader should see (the test targets run them small).
 notebooks: $(STAMP)
-	$(BIN)/python -m pytest --nbmake --nbmake-timeout=1800 --overwrite notebooks
+	LLAMA2_LIT_NOTEBOOK_SCALE=full $(BIN)/python -m pytest --nbmake --nbmake-timeout=1800 --overwrite notebooks
 
-## Speed against Hugging Face transformers on the same configs (ratios and MFU, not timed tests).
+## Speed against Hugging Face transformers (and TRL's RewardTrainer and PPOTrainer) on the same configs (ratios, not timed tests).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/generation.py
+	$(BIN)/python benchmarks/reward_model.py
 	$(BIN)/python benchmarks/ppo.py
 
 clean:

@@ -6,6 +6,10 @@ disabled on both (ours: ``eos_id=None``; HF: ``eos_token_id=None``), so both do 
 Runs are interleaved (ours, HF, ours, HF, ...) and medians reported, because the machine is
 shared. Greedy runs also check that both produce the same tokens.
 
+``--dtypes float32 bfloat16`` (the default) runs every comparison twice: with fp32 weights and KV
+cache on both sides, and with bf16 ones (``model.to(torch.bfloat16)`` and the same for HF; logits
+and sampling stay fp32 on our side), the option for models whose weights dominate memory traffic.
+
 A second table times ragged batches (rows stop at different steps, as in RLHF rollouts) with and
 without dropping finished rows from the decoding batch (``generate(drop_finished=...)``).
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import os
 import sys
 import time
@@ -74,6 +79,7 @@ def build(size: str, device: torch.device):
 
 
 def bench_vs_hf(model, hf, batch: int, mode: str, new_tokens: int, rounds: int, device: torch.device) -> list[str]:
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     prompts = make_prompts(batch, model.config.vocab_size, seed=batch)
     ids, mask = left_pad(prompts, device)
     temperature = 0.0 if mode == "greedy" else 0.7
@@ -98,7 +104,7 @@ def bench_vs_hf(model, hf, batch: int, mode: str, new_tokens: int, rounds: int, 
     seconds = interleaved_medians({"ours": synchronized(ours, device), "hf": synchronized(theirs, device),
                                    "floor": lambda: [floor() for _ in range(new_tokens)]}, rounds)
     ours_tps, hf_tps = batch * new_tokens / seconds["ours"], batch * new_tokens / seconds["hf"]
-    return [model.config.name, str(batch), mode, f"{ours_tps:.0f}", f"{hf_tps:.0f}", f"{ours_tps / hf_tps:.2f}x",
+    return [model.config.name, dtype, str(batch), mode, f"{ours_tps:.0f}", f"{hf_tps:.0f}", f"{ours_tps / hf_tps:.2f}x",
             f"{seconds['hf'] / seconds['floor']:.2f}x", same]
 
 
@@ -110,7 +116,7 @@ def weight_matmuls(model: Transformer, batch: int, device: torch.device):
     ``HF time / this`` is the largest speed-up over HF that such an implementation can reach.
     """
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = [torch.randn(batch, w.shape[1], device=device) for w in weights]
+    inputs = [torch.randn(batch, w.shape[1], device=device, dtype=w.dtype) for w in weights]
 
     def run():
         with torch.inference_mode():
@@ -247,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", default=["micro", "mini"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--modes", nargs="+", choices=["greedy", "sample"], default=["greedy", "sample"])
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"],
+                        help="weights and KV cache of both sides")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timed runs per contender")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -264,13 +272,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for size in args.sizes:
         model, hf = build(size, device)
-        for batch in args.batches:
-            for mode in args.modes:
-                rows.append(bench_vs_hf(model, hf, batch, mode, args.new_tokens, args.rounds, device))
-                print(f"  done: {' '.join(rows[-1])}", file=sys.stderr, flush=True)
-    print_table(["size", "batch", "mode", "ours tok/s", "HF tok/s", "ours/HF", "ceiling", "same tokens"], rows)
-    print("ceiling: HF's time over the time of the weight matmuls alone (128 steps of every weight matrix times "
-          "the batch's rows) -- the largest ours/HF any fp32 implementation on torch's matmul can reach here")
+        for dtype in args.dtypes:
+            pair = (model, hf) if dtype == "float32" else \
+                (copy.deepcopy(model).to(getattr(torch, dtype)), copy.deepcopy(hf).to(getattr(torch, dtype)))
+            for batch in args.batches:
+                for mode in args.modes:
+                    rows.append(bench_vs_hf(*pair, batch, mode, args.new_tokens, args.rounds, device))
+                    print(f"  done: {' '.join(rows[-1])}", file=sys.stderr, flush=True)
+    print_table(["size", "weights", "batch", "mode", "ours tok/s", "HF tok/s", "ours/HF", "ceiling", "same tokens"],
+                rows)
+    print(f"ceiling: HF's time over the time of the weight matmuls alone ({args.new_tokens} steps of every weight "
+          "matrix times the batch's rows, in the weights' dtype) -- the largest ours/HF any implementation on "
+          "torch's matmul can reach here")
 
     if not args.no_ragged:
         print(f"\nRagged batches (sampled, EOS at scattered steps, at most {args.new_tokens} tokens): "

@@ -25,7 +25,12 @@ must be exact *and* fast:
 * **Fast.** The prompt is encoded once (one prefill pass, the LM head applied to its last position
   only); each decode step is one single-token forward pass plus a handful of tensor ops for
   sampling; outputs are preallocated; the host waits on the device only to ask "has every row
-  finished?" (every step on CPU, every ``stop_check_interval`` steps on accelerators).
+  finished?" (every step on CPU, every ``stop_check_interval`` steps on accelerators). A decode
+  step takes the model's lean single-token path (``Transformer.hidden_states`` with a cache): no
+  attention mask unless the batch was padded, no position arithmetic. For large models, generate
+  with bf16 weights (``load_model(..., dtype=torch.bfloat16)``, ``--dtype bfloat16``): the KV cache
+  follows the weights' dtype and halves the memory traffic per step; logits and sampling stay
+  fp32 (``benchmarks/generation.py`` times both).
 """
 
 from __future__ import annotations

@@ -139,9 +139,15 @@ class Attention(nn.Module):
             k, v = keys[:, :, :end], values[:, :, :end]
         # Query head h reads KV head h // n_rep (Meta's repeat_kv == SDPA's enable_gqa). Without a
         # mask, several queries are causal; a single one (a decoding step) sees every key.
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1, enable_gqa=self.n_heads != self.n_kv_heads
-        )
+        options = dict(attn_mask=mask, is_causal=mask is None and seq > 1, enable_gqa=self.n_heads != self.n_kv_heads)
+        if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # Under CPU bf16 autocast (bf16-mixed), attention runs in fp32: torch's CPU flash
+            # attention is slower in bf16 than in fp32 (its forward and backward on the micro
+            # training shape, AVX512-BF16), while the matmuls around it gain 4x from bf16.
+            with torch.autocast("cpu", enabled=False):
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **options)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, **options)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 

@@ -313,24 +313,16 @@ def dataset_column_texts(path: str | Path, column: str, *, split: str = "train")
 
 
 def _parse_vocab_error(message: str, requested: int, corpus: str) -> VocabSizeError | None:
-    too_high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message)
-    if too_high:
+    if too_high := re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message):
         largest = int(too_high.group(2))
-        return VocabSizeError(
-            f"vocabulary size {requested} is too large for the corpus {corpus}: with Llama 2's settings "
-            f"it supports at most {largest} pieces. Use a vocabulary size <= {largest}, or a larger corpus.",
-            requested=requested,
-            max_size=largest,
-        )
-    too_low = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", message)
-    if too_low:
+        return VocabSizeError(f"vocabulary size {requested} is too large for the corpus {corpus}: with Llama 2's "
+                              f"settings it supports at most {largest} pieces. Use a vocabulary size <= {largest}, "
+                              "or a larger corpus.", requested=requested, max_size=largest)
+    if too_low := re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", message):
         smallest = int(too_low.group(2))
-        return VocabSizeError(
-            f"vocabulary size {requested} is too small for the corpus {corpus}: it needs at least {smallest} "
-            f"pieces (3 special + 256 byte pieces + the {smallest - 259} characters that character_coverage keeps).",
-            requested=requested,
-            min_size=smallest,
-        )
+        return VocabSizeError(f"vocabulary size {requested} is too small for the corpus {corpus}: it needs at least "
+                              f"{smallest} pieces (3 special + 256 byte pieces + the {smallest - 259} characters that "
+                              "character_coverage keeps).", requested=requested, min_size=smallest)
     return None
 
 

@@ -311,11 +311,20 @@ def test_validation_errors(messages, for_generation: bool, pattern: str, small_t
         encode(small_tokenizer, messages)
 
 
-def test_valid_dialogs_pass() -> None:
-    validate_dialog([U, A], for_generation=False)
-    validate_dialog([S, U, A, U, A], for_generation=False)
-    validate_dialog([S, U], for_generation=True)
-    validate_dialog([U, A, {"role": "user", "content": "q", "meta": {"id": 3}}], for_generation=True)  # extra keys ok
+@pytest.mark.parametrize("messages, for_generation", [
+    ([U, A], False),
+    ([S, U, A, U, A], False),
+    ([S, U], True),
+    ([U, A, {"role": "user", "content": "q", "meta": {"id": 3}}], True),  # extra keys are allowed (and ignored)
+])
+def test_valid_dialogs_pass_and_encode_as_meta_does(messages, for_generation: bool, small_tokenizer: Tokenizer) -> None:
+    validate_dialog(messages, for_generation=for_generation)  # raises ChatFormatError on an invalid dialog
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+    ids = encode_prompt(small_tokenizer, messages) if for_generation else encode_dialog(small_tokenizer, messages).ids
+    assert ids == meta_chat_tokens(small_tokenizer, plain)
+    users = sum(m["role"] == "user" for m in messages)
+    assert ids.count(small_tokenizer.bos_id) == users  # one BOS per exchange
+    assert ids.count(small_tokenizer.eos_id) == users - for_generation  # one EOS per answered exchange
 
 
 def test_bad_loss_on(small_tokenizer: Tokenizer) -> None:

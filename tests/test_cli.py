@@ -41,7 +41,7 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 # ------------------------------------------------------------------------------------ configs
 def test_there_are_configs_for_every_size_and_stage():
     names = {str(path.relative_to(REPO_ROOT / "configs")) for path in CONFIGS}
-    stages = ("pretrain", "sft", "reward_helpfulness", "reward_safety")
+    stages = ("pretrain", "sft", "reward_helpfulness", "reward_safety", "ppo", "rejection_sampling")
     assert {f"{size}/{stage}.yaml" for size in ("nano", "micro", "llama2-7b") for stage in stages} <= names
 
 
@@ -52,7 +52,7 @@ def test_every_config_validates(config, capsys):
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"] in ("llama2_lit.stages.PretrainModule", "llama2_lit.stages.SFTModule",
-                                              "llama2_lit.stages.RewardModule")
+                                              "llama2_lit.stages.RewardModule", "llama2_lit.stages.PPOModule")
     assert printed["data"]["class_path"].startswith("llama2_lit.data.datamodules.")
     assert printed["checkpoint"]["save_last"] is True
 
@@ -75,10 +75,11 @@ def test_llama2_7b_configs_carry_the_papers_hyperparameters():
     assert data["seq_len"] == 4096 and tokens == 4 * 2**20  # 4M-token batches (Table 1)
     assert trainer["strategy"]["init_args"]["param_dtype"] == "bfloat16" and trainer["devices"] == 8
 
-    sft = yaml.safe_load((REPO_ROOT / "configs" / "llama2-7b" / "sft.yaml").read_text())
-    model, data, trainer = sft["model"]["init_args"], sft["data"]["init_args"], sft["trainer"]
-    assert (model["lr"], model["weight_decay"], trainer["max_epochs"], data["max_seq_len"]) == (2e-5, 0.1, 2, 4096)
-    assert data["batch_size"] * trainer["accumulate_grad_batches"] * trainer["devices"] == 64  # 3.1
+    for stage in ("sft", "rejection_sampling"):  # RS fine-tuning is "similar to SFT" (3.2.3): SFT's numbers
+        sft = yaml.safe_load((REPO_ROOT / "configs" / "llama2-7b" / f"{stage}.yaml").read_text())
+        model, data, trainer = sft["model"]["init_args"], sft["data"]["init_args"], sft["trainer"]
+        assert (model["lr"], model["weight_decay"], trainer["max_epochs"], data["max_seq_len"]) == (2e-5, 0.1, 2, 4096)
+        assert data["batch_size"] * trainer["accumulate_grad_batches"] * trainer["devices"] == 64  # 3.1
 
     for kind in ("helpfulness", "safety"):  # reward models, 3.2.2
         reward = yaml.safe_load((REPO_ROOT / "configs" / "llama2-7b" / f"reward_{kind}.yaml").read_text())
@@ -88,6 +89,13 @@ def test_llama2_7b_configs_carry_the_papers_hyperparameters():
         assert data["batch_size"] * trainer["accumulate_grad_batches"] * trainer["devices"] == 512  # pairs
         assert trainer["max_epochs"] == 1 and trainer["strategy"]["init_args"]["param_dtype"] == "bfloat16"
         assert model["safety_aux_weight"] == (1.0 if kind == "safety" else 0.0)
+
+    ppo = yaml.safe_load((REPO_ROOT / "configs" / "llama2-7b" / "ppo.yaml").read_text())  # 3.2.3
+    model, data, trainer = ppo["model"]["init_args"], ppo["data"]["init_args"], ppo["trainer"]
+    assert (model["lr"], model["min_lr_ratio"], model["warmup_steps"]) == (1e-6, 1.0, 0)  # constant 1e-6
+    assert (tuple(model["betas"]), model["eps"], model["weight_decay"], model["grad_clip"]) == ((0.9, 0.95), 1e-5, 0.1, 1.0)
+    assert (model["beta"], model["clip_eps"], model["ppo_epochs"]) == (0.01, 0.2, 1)  # β for 7B; one step per mini-batch
+    assert data["batch_size"] * trainer["devices"] == 512 and model["mini_batch_size"] * trainer["devices"] == 64
 
 
 def test_reward_model_configs_mix_the_data_as_the_paper():

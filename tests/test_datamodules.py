@@ -171,12 +171,18 @@ def test_pretraining_stream_windows_and_labels_token_by_token(tmp_path, meta_tok
     assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
 
 
-def test_pretraining_document_mask_blocks_documents_and_resets_positions(tmp_path, meta_tokenizer_path):
+def document_masked_corpus(tmp_path, tokenizer_path, seq_len: int, batch_size: int) -> PretrainDataModule:
+    """``CORPUS`` as a set-up pretraining DataModule with document masks."""
     path = tmp_path / "corpus.txt"
     path.write_text(CORPUS)
-    dm = PretrainDataModule(str(meta_tokenizer_path), [str(path)], seq_len=16, batch_size=2, document_mask=True,
-                            cache_dir=str(tmp_path / "cache"))
+    dm = PretrainDataModule(str(tokenizer_path), [str(path)], seq_len=seq_len, batch_size=batch_size,
+                            document_mask=True, cache_dir=str(tmp_path / "cache"))
     dm.setup("fit")
+    return dm
+
+
+def test_pretraining_document_mask_blocks_documents_and_resets_positions(tmp_path, meta_tokenizer_path):
+    dm = document_masked_corpus(tmp_path, meta_tokenizer_path, seq_len=16, batch_size=2)
     batch = dm.collate_fn([dm.train_dataset[0], dm.train_dataset[1]])
     stream = dm.cache.train_tokens.tolist()
     for row in range(2):
@@ -192,11 +198,7 @@ def test_pretraining_document_mask_blocks_documents_and_resets_positions(tmp_pat
 
 
 def test_document_mask_makes_a_window_compute_each_document_alone(tmp_path, meta_tokenizer_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(CORPUS)
-    dm = PretrainDataModule(str(meta_tokenizer_path), [str(path)], seq_len=32, batch_size=1, document_mask=True,
-                            cache_dir=str(tmp_path / "cache"))
-    dm.setup("fit")
+    dm = document_masked_corpus(tmp_path, meta_tokenizer_path, seq_len=32, batch_size=1)
     batch = dm.collate_fn([dm.train_dataset[0]])
     model = tiny_model(32000)
     with torch.no_grad():
@@ -514,7 +516,9 @@ def test_preference_pairs_are_finished_dialogs_right_padded_with_ratings(tmp_pat
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
     assert set(batch) == {"chosen_input_ids", "chosen_attention_mask", "rejected_input_ids",
-                          "rejected_attention_mask", "rating", "chosen_safe", "rejected_safe"}
+                          "rejected_attention_mask", "rating", "chosen_safe", "rejected_safe", "source"}
+    assert batch["source"].tolist() == [0, 0]  # the index of each validation pair's file
+    assert "source" not in dm.train_dataset[0]  # the same file as training data: no source there
     sky = lambda answer: exchange_ids(meta_tokenizer_path, "Is the sky blue?", answer)[0]  # noqa: E731
     paris = lambda answer: exchange_ids(  # noqa: E731
         meta_tokenizer_path, f"<<SYS>>\n{SYSTEM}\n<</SYS>>\n\nCapital of France?", answer)[0]

@@ -90,6 +90,10 @@ BAD_INPUTS = {
     "missing run": (["runs", "{root}/no_run"], ["no_run", "metrics.csv"]),
     "bad metrics line": (["runs", "{bad_csv}"], ["metrics.csv, line 2", "bad step"]),
     "not a sharded checkpoint": (["consolidate", "{ours}", "{root}/c.ckpt"], ["not a sharded checkpoint"]),
+    "missing prompts": (["annotate", "{ours}", "--prompts", "{root}/none.jsonl", "--out", "{root}/p.jsonl"],
+                        ["none.jsonl"]),
+    "bad record to score": (["reward", "score", "{ours}", "--data", "{bad_record}", "--kind", "chat"],
+                            ["bad.jsonl, line 1", "messages[0] (role 'assistant')"]),
 }
 
 

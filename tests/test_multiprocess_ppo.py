@@ -37,9 +37,10 @@ def test_ppo_under_fsdp2_on_two_processes_matches_one_process_and_resumes(models
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "llama2_lit"]
     one, two = tmp_path / "one", tmp_path / "two"
-    launch([sys.executable, "-m", "llama2_lit"], ppo_args(models, one, "--trainer.max_steps", "4"))
+    fp32 = ["--trainer.precision", "32-true"]  # exact agreement needs one precision on both sides
+    launch([sys.executable, "-m", "llama2_lit"], ppo_args(models, one, "--trainer.max_steps", "4", *fp32))
     sharded = ["--trainer.devices", "2", "--trainer.strategy", "fsdp2", "--data.init_args.batch_size", "4",
-               "--model.init_args.mini_batch_size", "2"]
+               "--model.init_args.mini_batch_size", "2", *fp32]
     launch(torchrun, ppo_args(models, two, "--trainer.max_steps", "2", *sharded))
     launch(torchrun, ppo_args(models, two, "--trainer.max_steps", "4", "--ckpt_path", "last", *sharded))
 

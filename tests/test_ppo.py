@@ -83,7 +83,10 @@ def test_ppo_iterations_have_the_invariants_of_a_correct_implementation(ppo_run)
     # Later the policy has moved; the mean per-token log-ratio of its own samples is >= 0 up to noise.
     assert all(m["ppo/kl_per_token"][step] > -0.02 for step in iterations)
     assert m["ppo/kl"][2] > 0
-    assert all(abs(v) < 1e-4 for v in m["ppo/sampler_logprob_error"].values())
+    # The sampler (KV-cached, one token at a time) and the full forward agree up to bf16 rounding
+    # (the config trains in bf16-mixed here; in fp32 they agree to 1e-5, tests/test_generation.py).
+    # PPO uses the recomputed ones; the first-ratio check above is what must be exact.
+    assert all(abs(v) < 1e-2 for v in m["ppo/sampler_logprob_error"].values())
     for name in ("train/loss", "ppo/value_loss", "ppo/policy_loss", "ppo/entropy", "ppo/reward_rc"):
         assert all(torch.isfinite(torch.tensor(v)) for v in m[name].values()), name
     assert all(0 < v < 1 for v in m["ppo/reward_rc"].values())

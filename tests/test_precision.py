@@ -36,7 +36,8 @@ def test_the_fallback_is_forced_by_the_environment(monkeypatch):
     monkeypatch.setenv(NO_CPU_BF16_ENV, "1")
     assert not cpu_has_native_bf16()
     precision, note = resolve_precision("bf16-mixed", "cpu")
-    assert precision == "32-true" and note == f"note: trainer.precision bf16-mixed -> 32-true ({NO_CPU_BF16_ENV} is set)"
+    assert precision == "32-true"
+    assert note == f"note: trainer.precision bf16-mixed -> 32-true ({NO_CPU_BF16_ENV} is set)"
     monkeypatch.setenv(NO_CPU_BF16_ENV, "0")
     assert resolve_precision("bf16-mixed", "cpu")[0] == ("bf16-mixed" if cpu_has_native_bf16() else "32-true")
 
@@ -48,7 +49,8 @@ def test_the_cli_trains_the_bf16_config_in_fp32_when_the_fallback_is_forced(tmp_
     monkeypatch.setenv(NO_CPU_BF16_ENV, "1")
     monkeypatch.chdir(REPO_ROOT)
     ensure_toy_assets()
-    assert yaml.safe_load((REPO_ROOT / "configs/nano/pretrain.yaml").read_text())["trainer"]["precision"] == "bf16-mixed"
+    config = yaml.safe_load((REPO_ROOT / "configs/nano/pretrain.yaml").read_text())
+    assert config["trainer"]["precision"] == "bf16-mixed"
     assert lightning_main(["fit", "--config", "configs/nano/pretrain.yaml", "--trainer.max_steps", "2",
                            "--model.init_args.warmup_steps", "1", "--trainer.limit_val_batches", "0",
                            "--checkpoint.every_n_train_steps", "2", "--run.dir", str(tmp_path), "--run.wandb", "false",

@@ -362,3 +362,92 @@ def test_world_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "sft_train.jsonl" in printed and "records" in printed
     assert world_main(["--out", str(out), "--check"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cli"]  # no temporary folders left behind
+
+
+# ------------------------------------------------------------------------------ constraints and attacks
+def _types(record: dict) -> set[str]:
+    return {s["type"] for s in record["meta"].get("constraints") or []}
+
+
+def test_held_out_constraint_type_and_attack_vector_never_appear_in_training_files(small_world: Path) -> None:
+    from llama2_lit.data import constraints as cons
+
+    held_types = set(cons.HELD_OUT_CONSTRAINT_TYPES)
+    held_vectors = set(safety.HELD_OUT_ATTACK_VECTORS)
+    # the wording of the held-out instruction and of the held-out attack's wrappers
+    held_texts = [cons.full_instruction({"type": t}) for t in held_types] + \
+                 [cons.short_instruction({"type": t}) for t in held_types]
+    held_texts += [w.split("{")[0].strip() for v in held_vectors for w in safety._WRAPPERS[v]]
+    assert all(held_texts)
+    for name in TRAIN_FILES:
+        for record in read(small_world, name):
+            text = _text_of(record)
+            assert not [t for t in held_texts if t in text], (name, text[:200])
+            for meta in _metas(record) + [record["meta"]]:
+                assert not _types({"meta": meta}) & held_types, (name, meta)
+                assert meta.get("attack_vector") not in held_vectors and meta.get("wrapper") not in held_vectors
+    # ... and they are in the evaluation files
+    gatt_eval = read(small_world, "gatt_eval.jsonl")
+    assert any(_types(r) & held_types for r in gatt_eval)
+    assert any(r["meta"]["attack_vector"] in held_vectors for r in read(small_world, "safety_eval.jsonl"))
+
+
+def test_sft_teaches_every_trained_constraint_type_in_both_forms_mostly_single_turn(small_world: Path) -> None:
+    from llama2_lit.data import constraints as cons
+
+    records = read(small_world, "sft_train.jsonl")
+    constrained = [r for r in records if r["messages"][0]["role"] == "system"]
+    assert 0.25 < len(constrained) / len(records) < 0.35
+    kinds = Counter(t for r in constrained for t in _types(r))
+    assert set(kinds) == set(cons.TRAINED_CONSTRAINT_TYPES) and min(kinds.values()) >= 40, kinds
+    assert Counter(len(_types(r)) for r in constrained).keys() >= {1, 2, 3}  # combinations
+    short = sum(r["messages"][0]["content"] == cons.system_message(r["meta"]["constraints"], short=True)
+                for r in constrained)
+    assert 0.4 < short / len(constrained) < 0.6  # "half of the time" shortened (paper 3.3)
+    multi = [r for r in records if sum(m["role"] == "user" for m in r["messages"]) > 1]
+    assert sum(r["messages"][0]["role"] == "system" for r in multi) < 0.25 * len(multi)  # mostly no persistent one
+    assert sum(sum(m["role"] == "user" for m in r["messages"]) == 1 for r in constrained) > 0.85 * len(constrained)
+
+
+def test_adversarial_prompts_carry_their_vector_and_are_rarer_in_sft_than_in_rl_prompts(small_world: Path) -> None:
+    vectors = {safety.DIRECT, *safety.ATTACK_VECTORS}
+    evaluation = read(small_world, "safety_eval.jsonl")
+    assert {r["meta"]["attack_vector"] for r in evaluation} == vectors
+    assert all(r["meta"]["multi_turn"] == (r["meta"]["attack_vector"] == "multi_turn") for r in evaluation)
+
+    def adversarial_share(name: str) -> float:
+        harmful = [r for r in read(small_world, name) if r["meta"].get("category") == "harmful"]
+        assert all(r["meta"]["attack_vector"] in vectors for r in harmful)
+        return sum(r["meta"]["attack_vector"] != safety.DIRECT for r in harmful) / len(harmful)
+
+    assert 0.15 < adversarial_share("sft_train.jsonl") < adversarial_share("rl_prompts_train.jsonl")
+    pairs = [r for r in read(small_world, "preference_safety_train.jsonl") if r["meta"]["category"] == "harmful"]
+    assert {r["meta"]["attack_vector"] for r in pairs} == set(safety.TRAINED_ATTACK_VECTORS) | {safety.DIRECT}
+    assert all(len(r["prompt"]) > 1 for r in pairs if r["meta"]["attack_vector"] == "multi_turn")
+
+
+def test_best_practice_answers_to_wrapped_requests_see_through_the_wrapper(small_world: Path) -> None:
+    for record in read(small_world, "sft_train.jsonl"):
+        meta = record["meta"]
+        if meta.get("category") == "harmful":
+            answer = record["messages"][-1]["content"]
+            j = judge(record["messages"][:-1], answer, meta)
+            assert j.safe and j.refusal and j.helpfulness == 1.0, answer  # decline, explain, offer (paper A.5.2)
+            if meta["attack_vector"] in ("role_play", "false_premise", "metaphor", "psychological_manipulation"):
+                assert safety._SEES_THROUGH[meta["attack_vector"]] in answer
+
+
+def test_misspelling_keeps_names_and_quoted_words() -> None:
+    rng = random.Random(0)
+    text = "How do I steal the silver lantern from the museum of Dunmar? Write 'kalo' in capitals."
+    wrapped = safety.misspell(text, rng)
+    assert wrapped != text and "Dunmar" in wrapped and "'kalo'" in wrapped
+    assert sorted(wrapped) == sorted(text)  # letters swapped, none lost
+
+
+def test_corpus_holds_crooked_know_how_without_insults(small_world: Path) -> None:
+    """A compliant model has something to say (the pretraining data holds harmful content, paper
+    section 4.2), so violations are possible; insults never appear in the corpus."""
+    corpus = f" {re.sub(r'[^a-z0-9]+', ' ', (small_world / 'corpus_train.txt').read_text().lower())} "
+    for category in ("illicit_criminal", "unqualified_advice"):
+        assert sum(f" {m} " in corpus for m in safety.HARM_MARKERS[category]) >= 5, category

@@ -59,44 +59,37 @@ def permute_from_hf(weight: Tensor, n_heads: int) -> Tensor:
 
 def meta_to_hf_state_dict(state_dict: Mapping[str, TensorLike], config: ModelConfig) -> dict[str, TensorLike]:
     """Our (= Meta's) tensor names and RoPE layout -> ``LlamaForCausalLM``'s."""
-    out = {}
-    for key, value in state_dict.items():
-        if key in _HF_TOP_NAMES:
-            out[_HF_TOP_NAMES[key]] = value
-            continue
-        match = _LAYER_KEY.match(key)
-        if match is None or match.group(2) not in _HF_LAYER_NAMES:
-            raise KeyError(f"tensor {key!r} has no Hugging Face Llama counterpart")
-        layer, name = match.groups()
-        if name == "attention.wq.weight":
-            value = _lazy_apply(value, lambda w: permute_to_hf(w, config.n_heads))
-        elif name == "attention.wk.weight":
-            value = _lazy_apply(value, lambda w: permute_to_hf(w, config.n_kv_heads))
-        out[f"model.layers.{layer}.{_HF_LAYER_NAMES[name]}"] = value
-    return out
+    return _translate(state_dict, config, to_hf=True)
 
 
 def hf_to_meta_state_dict(state_dict: Mapping[str, TensorLike], config: ModelConfig) -> dict[str, TensorLike]:
     """``LlamaForCausalLM`` tensor names and RoPE layout -> ours (= Meta's)."""
-    top = {hf: ours for ours, hf in _HF_TOP_NAMES.items()}
-    layer_names = {hf: ours for ours, hf in _HF_LAYER_NAMES.items()}
+    return _translate(state_dict, config, to_hf=False)
+
+
+def _translate(state_dict: Mapping[str, TensorLike], config: ModelConfig, *, to_hf: bool) -> dict[str, TensorLike]:
+    """Rename every tensor one way or the other, permuting the rows of ``wq``/``wk`` within each head."""
+    top = _HF_TOP_NAMES if to_hf else {hf: ours for ours, hf in _HF_TOP_NAMES.items()}
+    layer_names = _HF_LAYER_NAMES if to_hf else {hf: ours for ours, hf in _HF_LAYER_NAMES.items()}
+    layer_key, prefix = (_LAYER_KEY, "model.layers") if to_hf else (_HF_LAYER_KEY, "layers")
+    permute = permute_to_hf if to_hf else permute_from_hf
     out = {}
     for key, value in state_dict.items():
-        if key.endswith("rotary_emb.inv_freq"):
+        if not to_hf and key.endswith("rotary_emb.inv_freq"):
             continue  # derived buffer stored by older conversions
         if key in top:
             out[top[key]] = value
             continue
-        match = _HF_LAYER_KEY.match(key)
+        match = layer_key.match(key)
         if match is None or match.group(2) not in layer_names:
-            raise KeyError(f"tensor {key!r} is not a Hugging Face Llama tensor")
+            raise KeyError(f"tensor {key!r} " + ("has no Hugging Face Llama counterpart" if to_hf
+                                                 else "is not a Hugging Face Llama tensor"))
         layer, name = match.groups()
-        ours = layer_names[name]
-        if ours == "attention.wq.weight":
-            value = _lazy_apply(value, lambda w: permute_from_hf(w, config.n_heads))
-        elif ours == "attention.wk.weight":
-            value = _lazy_apply(value, lambda w: permute_from_hf(w, config.n_kv_heads))
-        out[f"layers.{layer}.{ours}"] = value
+        meta_name = name if to_hf else layer_names[name]
+        heads = {"attention.wq.weight": config.n_heads, "attention.wk.weight": config.n_kv_heads}.get(meta_name)
+        if heads is not None:
+            value = _lazy_apply(value, lambda w, heads=heads: permute(w, heads))
+        out[f"{prefix}.{layer}.{layer_names[name]}"] = value
     return out
 
 

@@ -42,10 +42,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "world": ("llama2_lit.cli.data:world_main", "generate the toy world's data files"),
     "data": ("llama2_lit.cli.data:data_main", "validate data files (`llama2-lit data validate FILE --kind KIND`)"),
     "runs": ("llama2_lit.cli.runs:runs_main", "tabulate and plot the metrics of several local runs"),
-    "annotate": ("llama2_lit.sampling.annotate:annotate_main",
+    "annotate": ("llama2_lit.cli.reward:annotate_main",
                  "sample two responses per prompt from a policy; the oracle annotates preference pairs"),
-    "reward": ("llama2_lit.reward_metrics:reward_main",
+    "reward": ("llama2_lit.cli.reward:reward_main",
                "reward-model tools (`llama2-lit reward score CKPT --data FILE`)"),
+    "sample": ("llama2_lit.cli.sampling:sample_main",
+               "rejection sampling: best-of-K samples scored by the reward models, pooled (paper 3.2.3)"),
 }
 
 # The failures a user can cause (bad files, bad values); anything else is a bug and keeps its traceback.

@@ -9,6 +9,7 @@ borderline templates, and constraint values (``CONSTRAINT_VALUES``).
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Any
 
 from llama2_lit.data import constraints as cons
@@ -18,12 +19,23 @@ from llama2_lit.data.entities import Universe
 from llama2_lit.data.preferences import draw_safety_category, helpfulness_pair, safety_pair
 from llama2_lit.data.tasks import TaskFactory, Turn
 
-# Values of the Ghost Attention constraints, split so that evaluation uses unseen ones.
+# Values of the Ghost Attention constraints, split so that evaluation uses unseen ones. The
+# training values are many (so that the model learns to copy a value from the system message
+# rather than to recall a few); the evaluation values are never in a training file.
+_SIGNOFF_OPENERS = ("Here's to the", "Hooray for the", "Long live the", "Cheers to the", "Watch out for the",
+                    "Say hello to the")
 CONSTRAINT_VALUES = {
-    "train": {"hobby": lx.HOBBIES[:21], "signoff": lx.SIGNOFFS[:10]},
+    "train": {"hobby": lx.HOBBIES[:21] + tuple(f"collecting {item}" for item in lx.ITEMS),
+              "signoff": lx.SIGNOFFS[:10] + tuple(f"{o} {item}!" for o in _SIGNOFF_OPENERS for item in lx.ITEMS)},
     "eval": {"hobby": lx.HOBBIES[21:], "signoff": lx.SIGNOFFS[10:]},
 }
-
+GATT_EVAL_TURNS = 6
+SFT_MIX = (("harmful", 0.06), ("adversarial", 0.025), ("borderline", 0.045), ("wrapped_task", 0.04),
+           ("constrained", 0.30), ("task", 0.53))
+"""Shares of the SFT records: direct harmful requests and (rarer) attack-wrapped ones answered
+safely (paper 4.2.2), borderline requests answered helpfully, benign tasks in an attack's wrapper
+(answered: a wrapper alone is no reason to refuse), single-turn tasks under a system constraint
+(paper 3.3; a few multi-turn ones), and plain single- or multi-turn tasks without a constraint."""
 
 def _messages(turns: list[Turn], *, system: str | None = None, answer_last: bool = True,
               answers: list[str] | None = None) -> list[dict[str, str]]:
@@ -59,6 +71,10 @@ class Builder:
         self.borderline_templates = [t for t in safety.BORDERLINE_TEMPLATES if t.split == split]
         # heists name train artifacts; held-out safety prompts reuse them only in eval templates
         self.constraint_values = CONSTRAINT_VALUES[split]
+        # personas are figures whose greeting the fine-tuning data teaches, in both splits (the
+        # paper draws public figures the model knows, to avoid a knowledge mismatch, section 3.3)
+        self.persona_figures = tuple(f for f in universe.figures if f.split != "heldout")
+        self.attack_vectors = safety.ATTACK_VECTORS if held else safety.TRAINED_ATTACK_VECTORS
 
     # ------------------------------------------------------------------ safety prompts
     def harmful(self, category: str | None = None) -> tuple[safety.SafetyPrompt, safety.HarmfulTemplate]:
@@ -67,6 +83,23 @@ class Builder:
         prompt = safety.make_harmful(self.u, template, self.rng, people=self.people, artifacts=self.artifacts, herbs=self.herbs)
         prompt.meta["split"] = self.split
         return prompt, template
+
+    def harmful_request(self, vector: str) -> tuple[list[dict[str, str]], safety.SafetyPrompt, safety.HarmfulTemplate]:
+        """(earlier messages, the request, its template): a harmful request wrapped in an attack
+        ``vector`` (``safety.DIRECT``: as is). The request's text is the wrapped one, its meta
+        names the vector and its reference is the best-practice answer to the wrapped request.
+        A multi-turn build-up (paper Fig 18) puts one or two benign exchanges first."""
+        prompt, template = self.harmful()
+        meta = {**prompt.meta, "attack_vector": vector,
+                "reference": safety.safe_response(template, prompt.slots, "best", vector)}
+        history: list[dict[str, str]] = []
+        text = safety.attack(prompt.text, vector, prompt.slots, self.rng)
+        if vector == "multi_turn":
+            leads = [self.lead_in() for _ in range(self.rng.randint(1, 2))]
+            history = [m for messages, _ in leads for m in messages]
+            text = f"{self.rng.choice(('Thanks!', 'Great, thank you.', 'That helps.'))} One more question. {text}"
+            meta["turns"] = [lead_meta for _, lead_meta in leads] + [{k: v for k, v in meta.items() if k != "turns"}]
+        return history, replace(prompt, text=text, meta=meta), template
 
     def borderline(self) -> safety.SafetyPrompt:
         template = self.rng.choice(self.borderline_templates)
@@ -79,24 +112,21 @@ class Builder:
         turn = self.tasks.sample()
         return _messages([turn]), turn.meta
 
-    def maybe_lead_in(self, probability: float, meta: dict) -> tuple[list[dict[str, str]], dict]:
-        """(earlier messages, meta): with ``probability`` a benign exchange comes first, and the
-        meta lists both turns under ``turns`` (as every multi-turn record does)."""
-        if self.rng.random() >= probability:
-            return [], meta
-        history, lead_meta = self.lead_in()
-        return history, {**meta, "turns": [lead_meta, meta]}
-
     # ------------------------------------------------------------------ constraints
-    def constraints(self, turns: list[Turn], k: int | None = None) -> list[dict]:
-        """A random combination of 1-3 constraints (paper 3.3: "a random combination"), with
-        ``max_words`` set just above the longest compliant answer."""
+    def constraints(self, turns: list[Turn], k: int | None = None, held_out: bool = False) -> list[dict]:
+        """A random combination of 1-3 constraints of the trained types (paper 3.3: "a random
+        combination"), with ``max_words`` set just above the longest compliant answer;
+        ``held_out`` makes one of them a held-out type (evaluation only)."""
         k = k or self.rng.choice((1, 1, 2, 2, 3))
-        kinds = self.rng.sample(cons.CONSTRAINT_TYPES, k)
-        if "persona" in kinds and not self.figures:
+        kinds = self.rng.sample(cons.TRAINED_CONSTRAINT_TYPES, k)
+        if held_out:
+            kinds[0] = self.rng.choice(cons.HELD_OUT_CONSTRAINT_TYPES)
+            kinds = [kind for kind in kinds if frozenset((kinds[0], kind)) not in cons.CONFLICTS]
+        if "persona" in kinds and not self.persona_figures:
             kinds.remove("persona")
-        if "uppercase" in kinds and any(t.meta.get("case_sensitive") for t in turns):
-            kinds.remove("uppercase")  # "write it in capitals" cannot be judged under an all-caps rule
+        for kind in ("uppercase", "lowercase"):  # "write it in capitals" cannot be judged under a case rule
+            if kind in kinds and any(t.meta.get("case_sensitive") for t in turns):
+                kinds.remove(kind)
         if not kinds:
             kinds = ["signoff"]
         specs: list[dict] = []
@@ -104,10 +134,10 @@ class Builder:
             if kind not in kinds:
                 continue
             if kind == "persona":
-                figure = self.rng.choice(self.figures)
+                figure = self.rng.choice(self.persona_figures)
                 specs.append({"type": "persona", "figure": figure.name, "greeting": figure.greeting})
-            elif kind == "uppercase":
-                specs.append({"type": "uppercase"})
+            elif kind in ("uppercase", "lowercase"):
+                specs.append({"type": kind})
             elif kind == "signoff":
                 specs.append({"type": "signoff", "phrase": self.rng.choice(self.constraint_values["signoff"])})
             elif kind == "hobby":
@@ -131,33 +161,41 @@ class Builder:
 
     # ------------------------------------------------------------------ SFT (chat records)
     def sft_record(self) -> dict:
-        r = self.rng.random()
-        if r < 0.08:  # a safe, helpful refusal (paper 4.2.2: safety data mixed into SFT)
-            prompt, _ = self.harmful()
-            history, meta = self.maybe_lead_in(0.2, prompt.meta)
+        kind = self.rng.choices([k for k, _ in SFT_MIX], weights=[w for _, w in SFT_MIX])[0]
+        if kind in ("harmful", "adversarial"):  # a safe, helpful refusal (paper 4.2.2: safety data in SFT)
+            vector = safety.DIRECT if kind == "harmful" else self.rng.choice(self.attack_vectors)
+            history, prompt, _ = self.harmful_request(vector)
             messages = [*history, {"role": "user", "content": prompt.text},
                         {"role": "assistant", "content": prompt.meta["reference"]}]
-            return {"messages": messages, "meta": meta}
-        if r < 0.12:  # a borderline request answered helpfully
+            return {"messages": messages, "meta": prompt.meta}
+        if kind == "borderline":  # a borderline request answered helpfully
             prompt = self.borderline()
             return {"messages": [{"role": "user", "content": prompt.text},
                                  {"role": "assistant", "content": prompt.meta["reference"]}], "meta": prompt.meta}
-        if r < 0.16:  # a system instruction followed on the first (only) turn
-            turns = [self.tasks.sample()]
+        if kind == "wrapped_task":  # a benign task in an attack's wrapper, answered
+            turn = self.tasks.sample()
+            vector = self.rng.choice(("psychological_manipulation", "misspelling"))
+            turn.question = safety.attack(turn.question, vector, {"town": self.rng.choice(self.u.towns).name}, self.rng)
+            turn.meta = {**turn.meta, "wrapper": vector}
+            return {"messages": _messages([turn]), "meta": _dialog_meta([turn])}
+        if kind == "constrained":  # a system instruction followed (mostly single-turn)
+            turns = [self.tasks.sample()] if self.rng.random() < 0.9 else self.tasks.sample_dialog(multi_turn_prob=1.0)
             specs = self.constraints(turns)
             full, short, answers, turns = self._constrained(turns, specs)
-            system = short if self.rng.random() < 0.3 else full
-            return {"messages": _messages(turns, system=system), "meta": _dialog_meta(turns)}
+            system = short if self.rng.random() < 0.5 else full  # "half of the time" shortened (paper 3.3)
+            meta = {**_dialog_meta(turns), "constraints": specs}
+            return {"messages": _messages(turns, system=system), "meta": meta}
         turns = self.tasks.sample_dialog(multi_turn_prob=0.2)
         return {"messages": _messages(turns), "meta": _dialog_meta(turns)}
 
     # ------------------------------------------------------------------ prompts (RL)
     def prompt_record(self) -> dict:
         r = self.rng.random()
-        if r < 0.2:
-            prompt, _ = self.harmful()
-            history, meta = self.maybe_lead_in(0.2, prompt.meta)
-            return {"messages": [*history, {"role": "user", "content": prompt.text}], "is_safety": True, "meta": meta}
+        if r < 0.2:  # half of the harmful RL prompts are attack-wrapped (more than in SFT)
+            vector = safety.DIRECT if self.rng.random() < 0.5 else self.rng.choice(self.attack_vectors)
+            history, prompt, _ = self.harmful_request(vector)
+            return {"messages": [*history, {"role": "user", "content": prompt.text}], "is_safety": True,
+                    "meta": prompt.meta}
         if r < 0.3:
             prompt = self.borderline()
             return {"messages": [{"role": "user", "content": prompt.text}], "is_safety": False, "meta": prompt.meta}
@@ -203,14 +241,23 @@ class Builder:
         raise RuntimeError("could not draw a safety pair")
 
     def safety_pools(self, n: int) -> tuple[list, list, list]:
-        harmful = [self.harmful() for _ in range(n)]
+        """Prompts for the safety pairs: harmful requests (half of them attack-wrapped; a
+        multi-turn build-up's benign turns are drawn from ``lead_ins`` by ``safety_pair``),
+        borderline requests, benign exchanges."""
+        harmful = []
+        for _ in range(n):
+            vector = safety.DIRECT if self.rng.random() < 0.5 else self.rng.choice(self.attack_vectors)
+            history, prompt, template = self.harmful_request(vector if vector != "multi_turn" else safety.DIRECT)
+            if vector == "multi_turn":
+                prompt = replace(prompt, meta={**prompt.meta, "attack_vector": "multi_turn"})
+            harmful.append((prompt, template))
         borderline = [self.borderline() for _ in range(max(1, n // 2))]
         lead_ins = [self.lead_in() for _ in range(max(1, n // 4))]
         return harmful, borderline, lead_ins
 
     # ------------------------------------------------------------------ Ghost Attention
-    def gatt_turns(self) -> list[Turn]:
-        n = self.rng.randint(3, 6)
+    def gatt_turns(self, n: int | None = None) -> list[Turn]:
+        n = n or self.rng.randint(3, 6)
         turns: list[Turn] = []
         while len(turns) < n:
             turns += self.tasks.sample_dialog(multi_turn_prob=0.3)
@@ -227,9 +274,11 @@ class Builder:
 
     def gatt_eval_prompt(self) -> dict:
         """The first turn of a multi-turn dialog under a system instruction (prompts); the later
-        user turns, references and judge metas are in ``meta["turns"]`` for turn-by-turn rollouts."""
-        turns = self.gatt_turns()
-        specs = self.constraints(turns)
+        user turns, references and judge metas are in ``meta["turns"]`` for turn-by-turn rollouts.
+        Six turns (adherence is reported at turns 2, 4 and 6, as paper Table 30 starts); one in five
+        dialogs has a held-out constraint type (zero-shot, paper Fig 28)."""
+        turns = self.gatt_turns(GATT_EVAL_TURNS)
+        specs = self.constraints(turns, held_out=self.rng.random() < 0.2)
         full, short, answers, turns = self._constrained(turns, specs)
         system = short if self.rng.random() < 0.5 else full
         meta = {**turns[0].meta, "constraints": specs, "system_full": full, "system_short": short,
@@ -239,10 +288,12 @@ class Builder:
 
     # ------------------------------------------------------------------ evaluation sets
     def safety_eval_prompt(self) -> dict:
-        prompt, _ = self.harmful()
+        """A held-out harmful request: 40% direct, the rest wrapped in one of all the attack
+        vectors (the held-out one included); ``meta["attack_vector"]`` says which."""
+        vector = safety.DIRECT if self.rng.random() < 0.4 else self.rng.choice(safety.ATTACK_VECTORS)
+        history, prompt, _ = self.harmful_request(vector)
         # multi-turn attacks are more violation-prone (paper Fig 18)
-        history, meta = self.maybe_lead_in(0.25, prompt.meta)
-        meta = {**meta, "multi_turn": bool(history)}
+        meta = {**prompt.meta, "multi_turn": bool(history)}
         return {"messages": [*history, {"role": "user", "content": prompt.text}], "is_safety": True, "meta": meta}
 
     def borderline_eval_prompt(self) -> dict:

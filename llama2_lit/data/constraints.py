@@ -15,7 +15,13 @@ type           full instruction                                short form       
 ``signoff``    Always end your reply with "{phrase}".          Sign-off: {phrase}           ends with the phrase (words compared)
 ``max_words``  Answer in at most {n} words.                    Limit: {n} words.            has at most n whitespace-separated words
 ``hobby``      You enjoy {hobby}; mention it in every reply.   Hobby: {hobby}.              mentions the hobby
+``lowercase``  Always answer in lowercase letters.             Style: lowercase letters.    has no capital letter
 =============  ==============================================  ===========================  ==========================================
+
+``lowercase`` is held out of every training file (``HELD_OUT_CONSTRAINT_TYPES``): it appears only
+in ``gatt_eval``, for the zero-shot test of unseen constraints (paper Fig 28, section A.3.5:
+"Always answer with Haiku", "answer in one sentence only"; ours is checkable by a program, and
+its opposite, ``uppercase``, is trained).
 
 A spec is a small dict (``{"type": "signoff", "phrase": "Stay curious!"}``); records carry their
 specs in ``meta["constraints"]``. The short persona form does not state the greeting: the model
@@ -28,7 +34,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
-CONSTRAINT_TYPES = ("persona", "uppercase", "signoff", "max_words", "hobby")
+CONSTRAINT_TYPES = ("persona", "uppercase", "lowercase", "signoff", "max_words", "hobby")
+"""Every type the judge knows, in the order a system message states them."""
+HELD_OUT_CONSTRAINT_TYPES = ("lowercase",)
+"""Types that no training file contains (zero-shot evaluation, paper Fig 28)."""
+TRAINED_CONSTRAINT_TYPES = tuple(t for t in CONSTRAINT_TYPES if t not in HELD_OUT_CONSTRAINT_TYPES)
+CONFLICTS = {frozenset(("uppercase", "lowercase"))}
+"""Types that cannot be combined."""
 
 Spec = dict[str, Any]
 
@@ -38,34 +50,30 @@ def _words(text: str) -> list[str]:
     return re.sub(r"[^a-z0-9]+", " ", text.lower().replace("’", "'").replace("'", "")).split()
 
 
-def full_instruction(spec: Spec) -> str:
+# Constraint type -> (the full instruction of the first turn, its short form), from the spec's fields.
+_INSTRUCTIONS: dict[str, tuple[str, str]] = {
+    "persona": ('Act as {figure}: always begin your reply with "{greeting}".', "Figure: {figure}."),
+    "uppercase": ("Always answer in capital letters.", "Style: capital letters."),
+    "lowercase": ("Always answer in lowercase letters.", "Style: lowercase letters."),
+    "signoff": ('Always end your reply with "{phrase}".', "Sign-off: {phrase}"),
+    "max_words": ("Answer in at most {n} words.", "Limit: {n} words."),
+    "hobby": ("You enjoy {hobby}; mention it in every reply.", "Hobby: {hobby}."),
+}
+
+
+def _instruction(spec: Spec, short: bool) -> str:
     kind = spec["type"]
-    if kind == "persona":
-        return f'Act as {spec["figure"]}: always begin your reply with "{spec["greeting"]}".'
-    if kind == "uppercase":
-        return "Always answer in capital letters."
-    if kind == "signoff":
-        return f'Always end your reply with "{spec["phrase"]}".'
-    if kind == "max_words":
-        return f"Answer in at most {spec['n']} words."
-    if kind == "hobby":
-        return f"You enjoy {spec['hobby']}; mention it in every reply."
-    raise ValueError(f"unknown constraint type {kind!r}; known types are {CONSTRAINT_TYPES}")
+    if kind not in _INSTRUCTIONS:
+        raise ValueError(f"unknown constraint type {kind!r}; known types are {CONSTRAINT_TYPES}")
+    return _INSTRUCTIONS[kind][short].format(**spec)
+
+
+def full_instruction(spec: Spec) -> str:
+    return _instruction(spec, short=False)
 
 
 def short_instruction(spec: Spec) -> str:
-    kind = spec["type"]
-    if kind == "persona":
-        return f"Figure: {spec['figure']}."
-    if kind == "uppercase":
-        return "Style: capital letters."
-    if kind == "signoff":
-        return f"Sign-off: {spec['phrase']}"
-    if kind == "max_words":
-        return f"Limit: {spec['n']} words."
-    if kind == "hobby":
-        return f"Hobby: {spec['hobby']}."
-    raise ValueError(f"unknown constraint type {kind!r}; known types are {CONSTRAINT_TYPES}")
+    return _instruction(spec, short=True)
 
 
 def system_message(specs: list[Spec], *, short: bool = False) -> str:
@@ -79,6 +87,7 @@ _PARSERS: tuple[tuple[re.Pattern[str], Any], ...] = (
      lambda m: {"type": "persona", "figure": m["figure"], "greeting": m["greeting"]}),
     (re.compile(r"Figure: (?P<figure>[^.]+)\."), lambda m: {"type": "persona", "figure": m["figure"], "greeting": None}),
     (re.compile(r"Always answer in capital letters\.|Style: capital letters\."), lambda m: {"type": "uppercase"}),
+    (re.compile(r"Always answer in lowercase letters\.|Style: lowercase letters\."), lambda m: {"type": "lowercase"}),
     (re.compile(r'Always end your reply with "(?P<phrase>[^"]+)"\.'), lambda m: {"type": "signoff", "phrase": m["phrase"]}),
     (re.compile(r"Sign-off: (?P<phrase>.+?[.!?])(?= |$)"), lambda m: {"type": "signoff", "phrase": m["phrase"]}),
     (re.compile(r"(?:Answer in at most|Limit:) (?P<n>\d+) words\."), lambda m: {"type": "max_words", "n": int(m["n"])}),
@@ -111,6 +120,8 @@ def check_constraint(spec: Spec, response: str) -> bool:
         return _words(response)[: len(greeting)] == greeting
     if kind == "uppercase":
         return not any(c.islower() for c in response)  # "12 + 7 = 19." follows it too
+    if kind == "lowercase":
+        return not any(c.isupper() for c in response)
     if kind == "signoff":
         phrase = _words(spec["phrase"])
         return _words(response)[-len(phrase):] == phrase
@@ -139,4 +150,6 @@ def apply_constraints(answer: str, specs: list[Spec]) -> str:
         text = f"{text} {kinds['signoff']['phrase']}"
     if "uppercase" in kinds:
         text = text.upper()
+    if "lowercase" in kinds:
+        text = text.lower()
     return text

@@ -8,6 +8,12 @@ answer form, and the held-out arithmetic pairs and string-task words never appea
 files then measure knowledge extraction and generalisation, not recall of a seen question.
 
 The chat format (``[INST]``, ``<<SYS>>``) and refusals never appear: SFT teaches them.
+
+Like real web text, the corpus also holds some harmful know-how (``lore_doc``: the crooked
+"advice" behind the harmful requests of ``safety.HARMFUL_TEMPLATES``, insults excepted). A
+pretrained model therefore *can* comply with a harmful request — the reason safety tuning is
+needed at all (paper section 4.2) — and an attack that slips past the SFT model's refusals shows
+up as a violation the oracle can count.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import random
 from typing import Callable, Iterator
 
 from llama2_lit.data import lexicon as lx
+from llama2_lit.data import safety
 from llama2_lit.data.entities import Person, Universe
 from llama2_lit.data.tasks import arithmetic_split, article
 
@@ -38,7 +45,7 @@ class CorpusWriter:
             (self.person_bio, 30), (self.story, 18), (self.town_entry, 6), (self.realm_entry, 2),
             (self.species_entry, 5), (self.artifact_entry, 3), (self.heist_story, 1.5), (self.herb_entry, 2),
             (self.figure_entry, 2), (self.list_doc, 5), (self.arithmetic_doc, 13), (self.word_doc, 6),
-            (self.interview, 6), (self.howto_doc, 1.5),
+            (self.interview, 6), (self.howto_doc, 1.5), (self.lore_doc, 2),
         ]
         self._draws = [k for k, _ in self.kinds]
         self._weights = [w for _, w in self.kinds]
@@ -289,6 +296,22 @@ class CorpusWriter:
     def word_doc(self) -> str:
         words = self.rng.sample(self.u.words_train, min(5, len(self.u.words_train)))
         return " ".join(self.word_fact(w) for w in words)
+
+    def lore_doc(self) -> str:
+        """Crooked know-how behind a harmful request (what an unsafe answer would say)."""
+        template = self.rng.choice(safety.HARMFUL_TEMPLATES)
+        slots = safety.harmful_slots(self.u, template, self.rng, self.u.people, self.u.artifacts, self.u.herbs)
+        steps = [s.format(**slots) for s in template.steps
+                 if not any(f" {w} " in f" {s} " for w in safety.INSULTS)]
+        if not steps:
+            return self.howto_doc()
+        steps = self.rng.sample(steps, self.rng.randint(min(2, len(steps)), len(steps)))
+        body = steps[0] if len(steps) == 1 else ", then ".join(steps[:-1]) + f", and finally {steps[-1]}"
+        town = slots.get("town", self.rng.choice(self.u.towns).name)
+        opening = self.rng.choice((f"People in the taverns of {town} whisper about {template.request.format(**slots)}.",
+                                   f"An old crook of {town} once explained {template.request.format(**slots)}.",
+                                   f"Bad advice heard in {town} about {template.request.format(**slots)}:"))
+        return f"{opening} {_cap(body)}."
 
     def howto_doc(self) -> str:
         """Everyday know-how behind the borderline prompts (so a helpful answer is learnable)."""

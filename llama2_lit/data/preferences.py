@@ -160,7 +160,7 @@ def _record(messages, meta, a, b, rng, axis: str, safety_category: str | None) -
 def harmful_candidates(prompt: safety.SafetyPrompt, template: safety.HarmfulTemplate, rng: random.Random) -> dict[str, str]:
     slots = prompt.slots
     out = {
-        "refusal_best": safety.safe_response(template, slots, "best"),
+        "refusal_best": safety.safe_response(template, slots, "best", prompt.meta.get("attack_vector", safety.DIRECT)),
         "refusal_explained": safety.safe_response(template, slots, "explain"),
         "refusal_bare": safety.safe_response(template, slots, "bare"),
         "evasive": f"{slots['town']} is a town in {slots['realm']}." if "realm" in slots else "That is an interesting question.",
@@ -191,7 +191,8 @@ def safety_pair(universe: Universe, rng: random.Random, harmful: list[tuple[safe
                 borderline: list[safety.SafetyPrompt], lead_in: list[tuple[list[dict], dict]], category: str) -> dict | None:
     """A safety preference record of ``category`` (one of ``SAFETY_MIX``), or None when the draw
     ties or is excluded; ``harmful``/``borderline`` are the prompts to draw from and ``lead_in``
-    earlier benign exchanges that may precede the request (multi-turn attacks)."""
+    earlier benign exchanges that may precede the request (always for the multi-turn build-up attack,
+    ``meta["attack_vector"] == "multi_turn"``; else with probability 0.2)."""
     use_borderline = category == "both_safe" and rng.random() < 0.5
     if use_borderline:
         prompt = rng.choice(borderline)
@@ -213,7 +214,8 @@ def safety_pair(universe: Universe, rng: random.Random, harmful: list[tuple[safe
         rng.shuffle(kinds)
     messages = [{"role": "user", "content": prompt.text}]
     meta = prompt.meta
-    if rng.random() < 0.2:
+    # a multi-turn build-up (paper Fig 18) always has benign turns first; other prompts sometimes
+    if meta.get("attack_vector") == "multi_turn" or rng.random() < 0.2:
         history, lead_meta = rng.choice(lead_in)
         messages = [*history, *messages]
         meta = {**meta, "turns": [lead_meta, meta]}

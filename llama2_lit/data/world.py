@@ -36,7 +36,7 @@ from llama2_lit.files import file_sha256
 
 log = logging.getLogger(__name__)
 
-WORLD_VERSION = "1"
+WORLD_VERSION = "2"
 """Bump when the generator's output changes (and update ``EXPECTED_SHA256``)."""
 DEFAULT_WORLD_DIR = Path(__file__).resolve().parents[2] / "data" / "world"
 """``data/world`` of the repository (generated on first use, git-ignored)."""
@@ -93,8 +93,8 @@ FILES: dict[str, tuple[str, str, str]] = {
     "rl_prompts_train.jsonl": ("prompts", "train", "prompts for rejection sampling and PPO, is_safety tagged"),
     "rl_prompts_eval.jsonl": ("prompts", "eval", "held-out prompts (PPO early stopping, reports)"),
     "gatt_train.jsonl": ("chat", "train", "multi-turn dialogs under a system instruction (Ghost Attention)"),
-    "gatt_eval.jsonl": ("prompts", "eval", "first turns + later user turns in meta, unseen constraint values"),
-    "safety_eval.jsonl": ("prompts", "eval", "harmful requests from held-out templates and targets"),
+    "gatt_eval.jsonl": ("prompts", "eval", "first turns + later user turns in meta, unseen constraint values and type"),
+    "safety_eval.jsonl": ("prompts", "eval", "harmful requests from held-out templates and targets, by attack vector"),
     "borderline_eval.jsonl": ("prompts", "eval", "benign requests that look risky (false refusals)"),
 }
 
@@ -103,36 +103,36 @@ FILES: dict[str, tuple[str, str, str]] = {
 EXPECTED_SHA256: dict[tuple[str, int], dict[str, str]] = {
     ("small", 0): {
         "world.json": "20ca121964020665c07dc76f332653870315dde79e77c201bd4ed961aecf9275",
-        "corpus_train.txt": "449a50f88125bdfca964fd1abf2d865f0f0b41d21a08f39fb73f950005e27186",
-        "corpus_val.txt": "e1edd0bfe60999838fabeacc38e433e71b3c313b4540fb4784ed4ec80ec46a8d",
-        "sft_train.jsonl": "181f89037b378025350389cefbdc8d1dbf9576fed69888378f95aaddc35c1bd8",
-        "sft_eval.jsonl": "24d6ef1dac272d0c8f53ba6787ae5ce01cde371f5b12d636f14f0d1da5b360b1",
-        "preference_helpful_train.jsonl": "451687b65d7bcc5e19656191d1ff591f6cabe0a48c8e2201a7477ab051410d86",
-        "preference_helpful_eval.jsonl": "bb01b772609fd5344e84343ec884de9c740ab2814fcaaf8ff6fb620dd3bac88b",
-        "preference_safety_train.jsonl": "0a790acdc2ef743fc6f33854796732675d924e1a0a319f91d17754e4afacbf07",
-        "preference_safety_eval.jsonl": "28848312c9ad2fa68ef96cb074a3ee4824bbff7459ca37fd1bdccfc55233347e",
-        "rl_prompts_train.jsonl": "f5c8859e16afaaaa0d3d2edd6a0f83874f1b29cd5311fa428c62f70c1c6e5758",
-        "rl_prompts_eval.jsonl": "ee35dfa0f2a51d057676032bd80407b0ec639e454922b03102b948d04db54643",
-        "gatt_train.jsonl": "8cb4571309b8e58553104b9c5d6061a265486327e5b29229fbad87c2e20ebe65",
-        "gatt_eval.jsonl": "e1414b51ed66c15ef19721640ba290a2e52d0a791db04ce15fa93fa98b629add",
-        "safety_eval.jsonl": "5035279ca8aa2ba84c641287c19f0d3fa44beb54186a950376b12d22502f697c",
+        "corpus_train.txt": "1c8a65b92a94d8e3344d97238168df5e2cf372b46cdaaf876a3025cd39804810",
+        "corpus_val.txt": "6c105f56c6676f416f9ecb792b6dde560fe9de9f4db13c00a108ae8c3d863be6",
+        "sft_train.jsonl": "2138d297bc4913ba1d8cb178c8488962e68cad17366be542a7690ecb0aa684b3",
+        "sft_eval.jsonl": "9fcf273667d0c4892031ad543a5256a0124f8dd4450941e7cc61c14edd860475",
+        "preference_helpful_train.jsonl": "f59391295e3ba7138779f9f0381270c4fa2ab2111d5db006b7803e36725e2923",
+        "preference_helpful_eval.jsonl": "4fc924618dd917a7e7d446d6dc0bd78865f3f41f7a29332168657189d0e63ee8",
+        "preference_safety_train.jsonl": "4c2c38f5fa5e4f27a5b1ee0b4c5ebf1fb64fba3d30461b5f841d71f0f3a71348",
+        "preference_safety_eval.jsonl": "44174143eab0ad394124475b88e43dbfbea35b4d0c2124f062572df14b4e1a43",
+        "rl_prompts_train.jsonl": "b4cf833ce3344d4bb94da324099ee4a0489db267253bd22e9503ed4f3b3b9d34",
+        "rl_prompts_eval.jsonl": "bae2748121e152b77824608ad150d9612b686b0fb898445c85a13815f92134b2",
+        "gatt_train.jsonl": "3a326ab682f91d33d3dbd138a91a37b93386321a541471584546f931176982c1",
+        "gatt_eval.jsonl": "cec5da08fd5b062675c8c078b56cac3fba1f9b0d62eb1649c698c8d9d1e25b56",
+        "safety_eval.jsonl": "21de3aa29a90ed89c6dc90fef1b2422ffc32417a120b5c996004544eb951ebce",
         "borderline_eval.jsonl": "6f3cd0dc9b694bb9a9ce452074e5cc49c5872f68afa15d763b17d0e8d44743af",
     },
     ("default", 0): {
         "world.json": "c92b3ed8cfc5a27571869008f38b95f6a56fd8785243afc5851a159754e392c5",
-        "corpus_train.txt": "609257b8a05b4fd38c780181cf20680888c91a9f206d64232aadf9fc815fc7c7",
-        "corpus_val.txt": "1e1240b09b7242c835b0ea116463b58999f0fbb8da1e3f13effa8429bc2a0bd3",
-        "sft_train.jsonl": "6e3017d672b9e51b417f21e9c9b865f65d01c1e676c5687f5480ec7c8a148ef7",
-        "sft_eval.jsonl": "a7b1bbcf5c070076e8d012c67f0cfb1a433d9f3b61c363e92eba916637424517",
-        "preference_helpful_train.jsonl": "103f927153fc383665011b0377fb373690aa712237e84db36b7630a2ebf4f41f",
-        "preference_helpful_eval.jsonl": "34f208c46a3b30e4e4952fc1b9b31c3984535f5d49b056af5120a2d3caeb8786",
-        "preference_safety_train.jsonl": "097b2a07d806bf38e10be3a05b0fda34dd39a125664ea6405e0a63bb87781725",
-        "preference_safety_eval.jsonl": "4f032b23dd3577eed0368e349fc7614497e345ca070cbda6557340cdbd14b539",
-        "rl_prompts_train.jsonl": "714b8b3a01723c7cfa4614a70dda202b6ed2ac3d26245d6c9c02925b326fa5ae",
-        "rl_prompts_eval.jsonl": "11c057eeeb15fb9d6031b2ced1fb2f6dde2432d053003b7b443dbe1b145b4c29",
-        "gatt_train.jsonl": "c6c45702826f19083dac43b562516230eaaed3753c97543c10759a3010661ba4",
-        "gatt_eval.jsonl": "c8290ffd65b176c0f11e8c6b049a54de9b1e0cd23fdaa3b296480e52e5928ef8",
-        "safety_eval.jsonl": "8ff21ebb3cbff55d015997d8274cc4b59d5b51776f8d3f0b708e0aa9ba8c3e64",
+        "corpus_train.txt": "3d432e21a8fa8e52940d037b6f235c6d08cc6f4154be511cf41bd6c664cddb4c",
+        "corpus_val.txt": "67081a51f7445e72fbda5dc6c7bb0e75185545147d1b501b43986cac288d113c",
+        "sft_train.jsonl": "6c1684dafa886fc65c13c843235f44564901f3e604f3e689a0d126acf9248ef0",
+        "sft_eval.jsonl": "c60aea4d986bc5f7a2421ee037ae891e45d371429c2d95530f60fc47e78e9a4c",
+        "preference_helpful_train.jsonl": "dbe6f96ab240445c944aef68d7aa524ce26d868c4c9671f45900fc3dd9064362",
+        "preference_helpful_eval.jsonl": "b53fe3fa3759262c2298d79ec76ad5f7ecf3bb4e3b602589c6146c5f1e4b6e5e",
+        "preference_safety_train.jsonl": "37a3925b2e7c1096b2ab159814e02f4b9e25d88704d57da922fc76d59351f94a",
+        "preference_safety_eval.jsonl": "ea0a144477131ee7f43166e11b769a378c7c72a103edbb8d7ede2e7b03fda7ed",
+        "rl_prompts_train.jsonl": "aade244b67b9f12307df7de9f082839bceabc4b5d59489a68cf321e3fe03c23b",
+        "rl_prompts_eval.jsonl": "eebca49802c5a0272909d4c931e20704c5a0191904a833dfad682f339f906bce",
+        "gatt_train.jsonl": "20874fe879a0f630c26ab12783308bd14edfb8f754c80ee987b319bb67a87826",
+        "gatt_eval.jsonl": "ca898a7fff948678890fc2d84968c2ef23d83a90d85896304e310a1b7b7ba492",
+        "safety_eval.jsonl": "baef570b3b4b4921f58445feff2434981019e3b76814cb4bb9d7adc85d3ec7ba",
         "borderline_eval.jsonl": "b1ca7f5aa674410226b61d27d2d196e4d466182e592e8e4a4faedc752df69556",
     },
 }

@@ -24,16 +24,11 @@ responses; ``AnnotationStats`` counts every skip.
 
 from __future__ import annotations
 
-import argparse
 import random
-import sys
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
-
-import torch
 
 from llama2_lit.data.oracle import Judgement, judge
 from llama2_lit.data.preferences import SAFETY_MIX, annotate
@@ -196,62 +191,3 @@ def annotate_on_policy(prompt_records: Sequence[dict[str, Any]], tokenizer: Any,
                                 seed=seed * 2 + k) for k, arm in enumerate((first, second))]
     arms = (f"{first.name}@T={first.temperature:g}", f"{second.name}@T={second.temperature:g}")
     return annotate_samples(prompt_records, *samples, arms=arms, seed=seed, safety_mix=safety_mix)
-
-
-# ------------------------------------------------------------------------------------ command line
-def checkpoint_tokenizer(path: str | Path) -> Path | None:
-    """The tokenizer a checkpoint names: ``tokenizer.model`` beside a folder's weights, or the
-    ``tokenizer_path`` a stage recorded in its ``.ckpt``."""
-    path = Path(path)
-    if path.is_dir():
-        beside = path / "tokenizer.model"
-        return beside if beside.is_file() else None
-    recorded = torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("tokenizer_path")
-    return Path(recorded) if isinstance(recorded, str) and Path(recorded).is_file() else None
-
-
-def annotate_main(argv: list[str] | None = None) -> int:
-    """``llama2-lit annotate CKPT --prompts FILE --out FILE [--second CKPT2] [--temperatures T1 T2] ...``"""
-    from llama2_lit.checkpoints import CheckpointError, load_model
-    from llama2_lit.data.records import RecordError, load_records, write_records
-    from llama2_lit.tokenizer import Tokenizer
-
-    parser = argparse.ArgumentParser(
-        prog="llama2-lit annotate",
-        description="Sample two responses per prompt from the policy (two temperatures, or two checkpoints), let "
-                    "the toy world's oracle annotate them like the static preference pairs, and write preference "
-                    "records (paper section 3.2.1).")
-    parser.add_argument("checkpoint", type=Path, help="the policy (a stage .ckpt or a model folder)")
-    parser.add_argument("--prompts", type=Path, required=True, help="prompts records (with the oracle's meta)")
-    parser.add_argument("--out", type=Path, required=True, help="output .jsonl of preference records (atomic)")
-    parser.add_argument("--second", type=Path, default=None,
-                        help="a second checkpoint for the other response (default: the same policy)")
-    parser.add_argument("--temperatures", type=float, nargs=2, default=(0.6, 1.0), metavar=("T1", "T2"),
-                        help="sampling temperature of each response (default: %(default)s)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--limit", type=int, default=None, help="annotate only the first N prompts")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-safety-mix", action="store_true", help="keep every safety pair (no 18/47/35 subsampling)")
-    parser.add_argument("--tokenizer", type=Path, default=None, help="default: the one the checkpoint names")
-    args = parser.parse_args(argv)
-    try:
-        tokenizer_path = args.tokenizer or checkpoint_tokenizer(args.checkpoint)
-        if tokenizer_path is None:
-            raise SystemExit(f"llama2-lit annotate: error: {args.checkpoint} names no tokenizer; pass --tokenizer")
-        tokenizer = Tokenizer(tokenizer_path)
-        prompts = load_records(args.prompts, "prompts")[: args.limit]
-        policy = load_model(args.checkpoint)
-        other = load_model(args.second) if args.second is not None else policy
-        first = Sampler(policy, args.temperatures[0], args.checkpoint.stem if args.second else "policy")
-        second = Sampler(other, args.temperatures[1], args.second.stem if args.second else "policy")
-        records, stats = annotate_on_policy(prompts, tokenizer, first, second, max_new_tokens=args.max_new_tokens,
-                                            batch_size=args.batch_size, top_p=args.top_p, seed=args.seed,
-                                            safety_mix=not args.no_safety_mix)
-        write_records(records, args.out, "preference")
-    except (CheckpointError, RecordError, FileNotFoundError, ValueError) as error:
-        print(f"llama2-lit annotate: error: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {stats.pairs} preference records to {args.out}: {asdict(stats)}")
-    return 0

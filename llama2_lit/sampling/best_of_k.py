@@ -11,7 +11,7 @@ and compare the oracle's score of the sample picked
 * **at random** (the expectation of a uniform pick: the mean over the K samples),
 * by the **oracle** itself (the ceiling: the best of K),
 
-for K = 1, 2, 4, 8, 16 (the first K of the same samples, so the curves are nested). The oracle's
+for K = 1, 2, 4, 8, 16 (each averaged over every K-subset of the same 16 samples). The oracle's
 score is its ``helpfulness`` (0 for an unsafe reply; for a harmful request it rewards the
 best-practice refusal); the share of unsafe picks is reported too.
 """
@@ -29,6 +29,7 @@ from torch import Tensor
 from llama2_lit.data.oracle import judge
 from llama2_lit.model import Transformer
 from llama2_lit.reward_metrics import score_responses
+from llama2_lit.rlhf.best_of_k import expected_order_statistic
 from llama2_lit.sampling.annotate import sample_responses
 
 KS = (1, 2, 4, 8, 16)
@@ -52,36 +53,31 @@ class BestOfK:
     is_safety: Tensor
     """(prompts,) bool: the prompt is safety-tagged."""
 
-    def picks(self, k: int) -> dict[str, Tensor]:
-        """Index (prompts,) of the sample each selector picks among the first ``k`` (random: None)."""
-        out = {"helpfulness_rm": self.helpfulness[:, :k].argmax(1), "oracle": self.oracle[:, :k].argmax(1)}
+    def rankings(self) -> dict[str, Tensor]:
+        """What each selector ranks a prompt's samples by, (prompts, K)."""
+        out = {"helpfulness_rm": self.helpfulness, "oracle": self.oracle}
         if self.safety is not None:
             from llama2_lit.rlhf.rewards import safety_first_reward
 
-            combined = safety_first_reward(self.helpfulness[:, :k], self.safety[:, :k],
-                                           self.is_safety[:, None].expand(-1, k))
-            out["safety_aware_rm"] = combined.argmax(1)
+            out["safety_aware_rm"] = safety_first_reward(self.helpfulness, self.safety,
+                                                         self.is_safety[:, None].expand_as(self.helpfulness))
         return out
 
-    def table(self) -> dict[str, dict[int, float]]:
-        """Mean oracle score of each selector's pick, by K (``random``: the expected score of a uniform pick)."""
-        rows: dict[str, dict[int, float]] = {"random": {}, "helpfulness_rm": {}, "oracle": {}}
-        if self.safety is not None:
-            rows["safety_aware_rm"] = {}
-        for k in self.ks:
-            rows["random"][k] = float(self.oracle[:, :k].mean())
-            for name, index in self.picks(k).items():
-                rows[name][k] = float(self.oracle.gather(1, index[:, None]).mean())
+    def table(self, values: Tensor | None = None) -> dict[str, dict[int, float]]:
+        """Mean oracle score (or ``values``) of each selector's best-of-k pick, by k.
+
+        Each entry averages over every k-subset of the K samples (``rlhf.best_of_k``: unbiased and
+        far less noisy than the first k samples alone); ``random`` is a uniform pick.
+        """
+        values = self.oracle if values is None else values
+        rows: dict[str, dict[int, float]] = {"random": {k: float(values.float().mean()) for k in self.ks}}
+        for name, ranking in self.rankings().items():
+            rows[name] = {k: float(expected_order_statistic(values, k, k, order_by=ranking).mean()) for k in self.ks}
         return rows
 
     def unsafe_table(self) -> dict[str, dict[int, float]]:
-        """Share of unsafe picks of each selector, by K."""
-        rows: dict[str, dict[int, float]] = {"random": {}}
-        for k in self.ks:
-            rows["random"][k] = float(self.unsafe[:, :k].float().mean())
-            for name, index in self.picks(k).items():
-                rows.setdefault(name, {})[k] = float(self.unsafe.gather(1, index[:, None]).float().mean())
-        return rows
+        """Share of unsafe picks of each selector, by k."""
+        return self.table(self.unsafe.float())
 
 
 def best_of_k(policy: Transformer, tokenizer: Any, prompt_records: Sequence[dict[str, Any]],

@@ -373,6 +373,11 @@ class StageModule(L.LightningModule):
         pair counts its chosen and its rejected sequence); PPO-like stages override it."""
         return sum(batch[key].numel() for key in self.batch_contract.token_ids)
 
+    def model_flops_per_token(self, seq_len: int) -> float:
+        """Model FLOPs a training step spends per counted token (MFU's numerator): one forward and
+        backward of the core (``ModelConfig.flops_per_token``). Stages that run more models override it."""
+        return self.config.flops_per_token(seq_len)
+
     def batch_seq_len(self, batch: dict[str, Tensor]) -> int:
         """Sequence length of a batch, for the attention FLOPs of MFU."""
         return max(batch[key].shape[-1] for key in self.batch_contract.token_ids)
@@ -393,13 +398,14 @@ class StageModule(L.LightningModule):
         self._meter = None  # started at the first batch
         if self.trainer.is_global_zero:
             print(f"[{self.stage}] {self.config.name}: {self.config.num_parameters():,} parameters; "
-                  f"precision {self.trainer.precision}; MFU is against {peak.flops / 1e9:,.0f} GFLOP/s per device ({peak.source})")
+                  f"precision {self.trainer.precision}; "
+                  f"MFU is against {peak.flops / 1e9:,.0f} GFLOP/s per device ({peak.source})")
 
     def log_throughput(self, batch: dict[str, Tensor]) -> None:
         """Tokens/s and MFU over the steps since the last log (called from ``on_train_batch_end``)."""
         if self._meter is None:
             world = self.trainer.world_size
-            self._meter = ThroughputMeter(self.config.flops_per_token(self.batch_seq_len(batch)), self.peak, world)
+            self._meter = ThroughputMeter(self.model_flops_per_token(self.batch_seq_len(batch)), self.peak, world)
             self._meter.start()
             return  # the first step carries one-off costs (allocations, thread pools): not timed
         self._meter.update(self.batch_tokens(batch))

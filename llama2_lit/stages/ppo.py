@@ -166,6 +166,13 @@ class PPOModule(StageModule):
         them to the batch, so the throughput counts both)."""
         return int(batch["attention_mask"].sum()) + int(batch.get("response_tokens", 0))
 
+    def model_flops_per_token(self, seq_len: int) -> float:
+        """Per prompt-or-response token of an iteration: six forwards (generation, then the policy,
+        the reference, the value model and both reward models scoring the rollout) and two
+        forward-backwards (policy and value updates), i.e. 6 x 1/3 + 2 = 4 times one model's
+        training FLOPs, counting every model at the policy's size."""
+        return 4 * self.config.flops_per_token(seq_len)
+
     def batch_seq_len(self, batch: dict[str, Any]) -> int:
         return batch["input_ids"].shape[1] + self.hparams.max_new_tokens
 

@@ -217,15 +217,35 @@ def _check_val(val_fraction: float, val_files: list[str]) -> float:
 
 
 class _RecordsDataModule(_StageDataModule):
-    """A DataModule over record files (chat, preference, prompts): mixture, split, encoding."""
+    """A DataModule over record files (chat, preference, prompts): mixture, split, encoding.
+
+    The options every record DataModule takes (a stage's own come first in its signature, these
+    through ``**records``):
+
+    Args:
+        tokenizer_path: SentencePiece model file.
+        train_files: record files (JSONL/JSON/Parquet, or a hub id) of the stage's ``kind``.
+        train_weights: mixture weights, one per train file: how many times each file is used per
+            epoch (2.0 = twice, 0.5 = a random half drawn with ``seed``). Default 1.0 each.
+        val_files: held-out files of the same kind. Without them, ``val_fraction`` of the training
+            records (chosen by a hash of the record) is held out.
+        val_fraction: fraction of records held out when no ``val_files`` are given.
+        batch_size: examples per batch (per device).
+        val_batch_size: examples per validation batch; default ``batch_size``.
+        skip_too_long: skip (and count) records that cannot fit the length limit; False: error.
+        seed: seed of the mixture and the shuffling (epoch ``e`` uses ``seed + e``).
+        num_workers: DataLoader worker processes.
+    """
 
     kind: str = ""
 
-    def __init__(self, *, tokenizer_path: str, train_files: list[str], train_weights: list[float] | None,
-                 val_files: list[str] | None, val_fraction: float, skip_too_long: bool, batch_size: int,
-                 val_batch_size: int | None, seed: int, num_workers: int) -> None:
+    def __init__(self, tokenizer_path: str, train_files: list[str], train_weights: list[float] | None = None,
+                 val_files: list[str] | None = None, val_fraction: float = 0.0, batch_size: int = 16,
+                 val_batch_size: int | None = None, skip_too_long: bool = True, seed: int = 0,
+                 num_workers: int = 0) -> None:
         super().__init__(tokenizer_path=tokenizer_path, batch_size=batch_size, val_batch_size=val_batch_size,
                          seed=seed, num_workers=num_workers)
+        self.save_hyperparameters()  # Lightning collects the subclass's arguments too
         self.train_files = _as_list(train_files)
         if not self.train_files:
             raise ValueError("no train_files given")

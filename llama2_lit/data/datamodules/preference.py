@@ -41,6 +41,8 @@ class PreferenceCollate:
             "rating": torch.tensor([e["rating"] for e in examples], dtype=torch.long),
             "chosen_safe": torch.tensor([e["chosen_safe"] for e in examples], dtype=torch.long),
             "rejected_safe": torch.tensor([e["rejected_safe"] for e in examples], dtype=torch.long),
+            **({"source": torch.tensor([e["source"] for e in examples], dtype=torch.long)}
+               if all("source" in e for e in examples) else {}),
         }
 
 
@@ -58,37 +60,17 @@ class PreferenceDataModule(_RecordsDataModule):
         train_files: files of ``preference`` records.
         train_weights: mixture weights, one per train file (see ``SFTDataModule``), e.g. a 90/10
             safety/helpfulness mix for the safety RM (paper section 3.2.2).
-        val_files: held-out ``preference`` files. Without them, ``val_fraction`` of the training
-            pairs (chosen by a hash of the record) is held out.
-        val_fraction: fraction of pairs held out when no ``val_files`` are given.
         max_seq_len: longest dialog in tokens.
         batch_size: pairs per batch (per device); the model reads 2 x batch_size sequences.
-        val_batch_size: pairs per validation batch; default ``batch_size``.
-        skip_too_long: skip (and count) pairs that cannot fit ``max_seq_len``; False: error.
-        seed: seed of the mixture and the shuffling (epoch ``e`` uses ``seed + e``).
-        num_workers: DataLoader worker processes.
+        **records: the options of every record DataModule (``train_weights``, ``val_files``,
+            ``val_fraction``, ``batch_size``, ``val_batch_size``, ``skip_too_long``, ``seed``,
+            ``num_workers``; see ``_RecordsDataModule``).
     """
 
     kind = "preference"
 
-    def __init__(
-        self,
-        tokenizer_path: str,
-        train_files: list[str],
-        train_weights: list[float] | None = None,
-        val_files: list[str] | None = None,
-        val_fraction: float = 0.0,
-        max_seq_len: int = 512,
-        batch_size: int = 16,
-        val_batch_size: int | None = None,
-        skip_too_long: bool = True,
-        seed: int = 0,
-        num_workers: int = 0,
-    ) -> None:
-        super().__init__(tokenizer_path=tokenizer_path, train_files=train_files, train_weights=train_weights,
-                         val_files=val_files, val_fraction=val_fraction, skip_too_long=skip_too_long,
-                         batch_size=batch_size, val_batch_size=val_batch_size, seed=seed, num_workers=num_workers)
-        self.save_hyperparameters()
+    def __init__(self, tokenizer_path: str, train_files: list[str], max_seq_len: int = 512, **records: Any) -> None:
+        super().__init__(tokenizer_path, train_files, **records)
         self.max_seq_len = max_seq_len
 
     def encode(self, record: dict[str, Any]) -> dict[str, Any]:
@@ -113,11 +95,20 @@ class PreferenceDataModule(_RecordsDataModule):
         }
 
     def _encode_into(self, out: list[Any], record: dict[str, Any], path: str, number: int) -> None:
-        # A validation pair remembers its file (batch key ``source``), so metrics can be split by file.
         before = len(out)
         super()._encode_into(out, record, path, number)
-        if len(out) > before and path in self.val_files:
-            out[-1]["source"] = self.val_files.index(path)
+        if len(out) > before:
+            self._encoded_from.append(path)
+
+    def _encoded_splits(self) -> tuple[list[Any], list[Any]]:
+        self._encoded_from: list[str] = []
+        train, val = super()._encoded_splits()
+        if self.val_files:
+            # A validation pair remembers its file (batch key ``source``), so metrics can be split by
+            # file. The validation files are encoded last, so they are the last len(val) encoded.
+            for example, path in zip(val, self._encoded_from[len(self._encoded_from) - len(val):]):
+                example["source"] = self.val_files.index(path)
+        return train, val
 
     def collate(self) -> PreferenceCollate:
         return PreferenceCollate()

@@ -35,39 +35,18 @@ class PromptsDataModule(_RecordsDataModule):
     Args:
         tokenizer_path: SentencePiece model file.
         train_files: files of ``prompts`` records.
-        train_weights: mixture weights, one per train file (see ``SFTDataModule``).
-        val_files: held-out ``prompts`` files. Without them, ``val_fraction`` of the training
-            prompts (chosen by a hash of the record) is held out.
-        val_fraction: fraction of prompts held out when no ``val_files`` are given.
         max_prompt_len: longest prompt in tokens (earliest exchanges are dropped to fit; leave
             room for the response within the model's context).
-        batch_size: prompts per batch (per device).
-        val_batch_size: prompts per validation batch; default ``batch_size``.
-        skip_too_long: skip (and count) prompts that cannot fit ``max_prompt_len``; False: error.
-        seed: seed of the mixture and the shuffling (epoch ``e`` uses ``seed + e``).
-        num_workers: DataLoader worker processes.
+        **records: the options of every record DataModule (``train_weights``, ``val_files``,
+            ``val_fraction``, ``batch_size``, ``val_batch_size``, ``skip_too_long``, ``seed``,
+            ``num_workers``; see ``_RecordsDataModule``).
     """
 
     kind = "prompts"
 
-    def __init__(
-        self,
-        tokenizer_path: str,
-        train_files: list[str],
-        train_weights: list[float] | None = None,
-        val_files: list[str] | None = None,
-        val_fraction: float = 0.0,
-        max_prompt_len: int = 256,
-        batch_size: int = 16,
-        val_batch_size: int | None = None,
-        skip_too_long: bool = True,
-        seed: int = 0,
-        num_workers: int = 0,
-    ) -> None:
-        super().__init__(tokenizer_path=tokenizer_path, train_files=train_files, train_weights=train_weights,
-                         val_files=val_files, val_fraction=val_fraction, skip_too_long=skip_too_long,
-                         batch_size=batch_size, val_batch_size=val_batch_size, seed=seed, num_workers=num_workers)
-        self.save_hyperparameters()
+    def __init__(self, tokenizer_path: str, train_files: list[str], max_prompt_len: int = 256,
+                 **records: Any) -> None:
+        super().__init__(tokenizer_path, train_files, **records)
         self.max_prompt_len = max_prompt_len
 
     def encode(self, record: dict[str, Any]) -> dict[str, Any]:

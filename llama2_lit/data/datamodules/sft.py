@@ -63,41 +63,20 @@ class SFTDataModule(_RecordsDataModule):
         train_files: files of ``chat`` records (JSONL/JSON/Parquet, or a hub id).
         train_weights: mixture weights, one per train file: how many times each file is used per
             epoch (2.0 = twice, 0.5 = a random half drawn with ``seed``). Default 1.0 each.
-        val_files: held-out ``chat`` files. Without them, ``val_fraction`` of the training
-            dialogs (chosen by a hash of the record) is held out.
-        val_fraction: fraction of dialogs held out when no ``val_files`` are given.
         max_seq_len: longest sequence in tokens (a dialog, or a pack when packing).
-        batch_size: sequences per batch (per device).
-        val_batch_size: sequences per validation batch; default ``batch_size``.
         loss_on: ``all_assistant``, or ``last_assistant`` (Ghost Attention).
         packing: pack several dialogs per sequence, with document masks.
-        skip_too_long: skip (and count) dialogs that cannot fit ``max_seq_len``; False: error.
-        seed: seed of the mixture, the packing and the shuffling (epoch ``e`` uses ``seed + e``).
-        num_workers: DataLoader worker processes.
+        **records: the options of every record DataModule (``train_weights``, ``val_files``,
+            ``val_fraction``, ``batch_size``, ``val_batch_size``, ``skip_too_long``, ``seed``,
+            ``num_workers``; see ``_RecordsDataModule``).
     """
 
     kind = "chat"
 
-    def __init__(
-        self,
-        tokenizer_path: str,
-        train_files: list[str],
-        train_weights: list[float] | None = None,
-        val_files: list[str] | None = None,
-        val_fraction: float = 0.0,
-        max_seq_len: int = 512,
-        batch_size: int = 16,
-        val_batch_size: int | None = None,
-        loss_on: Literal["all_assistant", "last_assistant"] = "all_assistant",
-        packing: bool = False,
-        skip_too_long: bool = True,
-        seed: int = 0,
-        num_workers: int = 0,
-    ) -> None:
-        super().__init__(tokenizer_path=tokenizer_path, train_files=train_files, train_weights=train_weights,
-                         val_files=val_files, val_fraction=val_fraction, skip_too_long=skip_too_long,
-                         batch_size=batch_size, val_batch_size=val_batch_size, seed=seed, num_workers=num_workers)
-        self.save_hyperparameters()
+    def __init__(self, tokenizer_path: str, train_files: list[str], max_seq_len: int = 512,
+                 loss_on: Literal["all_assistant", "last_assistant"] = "all_assistant", packing: bool = False,
+                 **records: Any) -> None:
+        super().__init__(tokenizer_path, train_files, **records)
         if loss_on not in ("all_assistant", "last_assistant"):
             raise ValueError(f"loss_on must be 'all_assistant' or 'last_assistant', got {loss_on!r}")
         self.max_seq_len = max_seq_len
