@@ -7,8 +7,7 @@ The suites mirror what the paper measures with humans (sections 3.4 and 4.4), wi
   per prompt category (task, harmful, borderline);
 * **violation rate** — share of unsafe answers (paper 4.4: a violation is a rating of 1 or 2);
 * **false refusals** — share of refusals on benign prompts that merely look risky (paper Fig 33's
-  borderline set); refusing harmful prompts is what we want, so refusals are reported per category.
-
+  borderline set); refusing harmful prompts is what we want, so refusals are reported per category;
 * **constraint adherence by turn and type** — a dialog under a system instruction answered turn
   after turn with the model's own answers as context (paper section 3.3, Table 30: the share of
   replies that still follow the instruction at turns 2, 4, 6, ...);
@@ -17,13 +16,32 @@ The suites mirror what the paper measures with humans (sections 3.4 and 4.4), wi
 * **best-of-K** — the expected oracle score of the best of K samples, with the oracle as the
   picker: the room rejection sampling has (paper section 3.2.3, Fig 7).
 
-Stage callbacks (SFT's ``OracleHelpfulness``), the notebooks, the pipeline's report and
-``llama2-lit world check`` all use these functions, so a number means the same thing wherever it
-appears.
+Stage callbacks (SFT's ``OracleHelpfulness``), the notebooks, ``llama2-lit evaluate``, the
+pipeline's report and ``llama2-lit world check`` all use these functions, so a number means the
+same thing wherever it appears.
+
+The evaluation suite (``evaluate_checkpoints``, the ``llama2-lit evaluate`` verb) adds, per checkpoint:
+
+* **perplexity** on the held-out pretraining text (``corpus_perplexity``);
+* the oracle's scores on the held-out suites of ``evaluation_suites`` (tasks, harmful prompts for
+  the violation rate, borderline prompts for the false-refusal rate), with the standard error of
+  each mean as its spread;
+* **reward-model accuracy by rating** (Table 8's layout, ``llama2_lit.reward_metrics``);
+* the **pairwise win rate** of each checkpoint against the first, with ties, judged by the oracle
+  and by the reward models (the paper's Fig 1 and Fig 12 compare models this way, with GPT-4 and
+  human judges).
+
+Decoding defaults to the paper's automatic safety evaluation (section 4.1: temperature 0.1, top-p
+0.9); ``Decoding`` makes it configurable. The answers the win rates compare are the suites'
+answers, so every checkpoint answers every prompt once.
 """
 
 from __future__ import annotations
 
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,8 +84,10 @@ def generate_texts(model: Transformer, tokenizer: Tokenizer, prompts: list[list[
 
 
 def oracle_answers(model: Transformer, tokenizer: Tokenizer, records: list[dict], *, max_new_tokens: int = 64,
-                   batch_size: int = 16) -> list[dict[str, Any]]:
-    """Greedy answers of ``model`` to the prompts of ``records``, judged by the toy world's oracle.
+                   batch_size: int = 16, temperature: float = 0.0, top_p: float = 1.0,
+                   seed: int = 0) -> list[dict[str, Any]]:
+    """Answers of ``model`` to the prompts of ``records`` (greedy unless ``temperature`` > 0),
+    judged by the toy world's oracle.
 
     ``records`` are ``prompts`` records (messages ending with the user turn) or ``chat`` records
     (the final assistant turn is dropped: it is the reference answer). Returns one dict per
@@ -79,7 +99,10 @@ def oracle_answers(model: Transformer, tokenizer: Tokenizer, records: list[dict]
     from llama2_lit.data.oracle import judge
 
     prompts = [r["messages"][:-1] if r["messages"][-1]["role"] == "assistant" else r["messages"] for r in records]
-    texts = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    # One seed per prompt: an answer does not depend on its batch neighbours.
+    texts = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           temperature=temperature, top_p=top_p,
+                           seeds=[seed * 1_000_003 + i for i in range(len(prompts))])
     return [{"messages": messages, "response": response, "meta": record.get("meta") or {},
              "judgement": judge(messages, response, record.get("meta"))}
             for messages, response, record in zip(prompts, texts, records)]
@@ -89,6 +112,7 @@ def helpfulness_summary(results: list[dict[str, Any]]) -> dict[str, float]:
     """Mean helpfulness (overall and per category) and violation rate of ``oracle_answers`` output."""
     judgements = [r["judgement"] for r in results]
     summary = {"helpfulness": _mean(j.helpfulness for j in judgements),
+               "helpfulness_se": _standard_error([j.helpfulness for j in judgements]),
                "violation": _mean(j.violation for j in judgements)}
     for category in sorted({j.category for j in judgements}):
         summary[f"helpfulness_{category}"] = _mean(j.helpfulness for j in judgements if j.category == category)
@@ -190,3 +214,262 @@ def best_of_k(model: Transformer, tokenizer: Tokenizer, records: list[dict], *, 
 def _mean(values) -> float:
     values = [float(v) for v in values]
     return sum(values) / len(values) if values else float("nan")
+
+
+def _standard_error(values: list[float]) -> float:
+    """Standard error of the mean (the spread the report shows next to a mean); NaN below 2 values."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+
+# ------------------------------------------------------------------------------------ the suite
+@dataclass(frozen=True)
+class Decoding:
+    """How the evaluated models answer. The default is the paper's automatic safety evaluation
+    (section 4.1: "temperature 0.1 and top-p 0.9"); ``temperature=0`` is greedy decoding."""
+
+    temperature: float = 0.1
+    top_p: float = 0.9
+    max_new_tokens: int = 64
+    seed: int = 0
+
+
+SUITES = ("tasks (held-out)", "tasks (seen)", "harmful (held-out)", "borderline (held-out)")
+"""The prompt sets (``evaluation_suites``): helpfulness and accuracy on tasks, the violation rate on
+harmful prompts, the false-refusal rate (``refusal``) on borderline prompts."""
+
+
+def evaluation_suites(world: str | Path, n: int, seed: int = 0) -> dict[str, list[dict]]:
+    """The held-out (and one seen) prompt sets, ``n`` prompts each, fixed by ``seed``:
+
+    * ``tasks (held-out)`` — ``sft_eval``: questions about people known only from prose, arithmetic
+      on operand pairs that appear nowhere in training, unseen words to transform (generalisation);
+    * ``tasks (seen)`` — task prompts from ``sft_train`` (what SFT was taught directly);
+    * ``harmful (held-out)`` — ``safety_eval``: a safe answer (refusal with help) is what scores;
+    * ``borderline (held-out)`` — ``borderline_eval``: benign prompts that look risky; refusing
+      them is a false refusal (paper Fig 33).
+    """
+    from llama2_lit.data.records import load_records
+
+    world = Path(world)
+    rng = random.Random(seed)
+
+    def sample(records: list[dict]) -> list[dict]:
+        return rng.sample(records, min(n, len(records)))
+
+    def tasks(records: list[dict]) -> list[dict]:
+        return [r for r in records if r.get("meta", {}).get("category") == "task"]
+
+    return {
+        SUITES[0]: sample(tasks(load_records(world / "sft_eval.jsonl", "chat"))),
+        SUITES[1]: sample(tasks(load_records(world / "sft_train.jsonl", "chat"))),
+        SUITES[2]: sample(load_records(world / "safety_eval.jsonl", "prompts")),
+        SUITES[3]: sample(load_records(world / "borderline_eval.jsonl", "prompts")),
+    }
+
+
+def corpus_perplexity(model: Transformer, tokenizer: Tokenizer, path: str | Path, *, max_tokens: int = 32_768,
+                      seq_len: int | None = None, batch_size: int = 8) -> float:
+    """Perplexity of ``model`` on the first ``max_tokens`` tokens of a pretraining text file (its
+    documents BOS-prefixed and EOS-terminated, concatenated and cut into ``seq_len`` windows, as
+    pretraining reads them)."""
+    import torch
+    import torch.nn.functional as F
+
+    from llama2_lit.data.datamodules.pretrain import read_text_documents
+
+    seq_len = seq_len or model.config.max_seq_len
+    stream: list[int] = []
+    for document in read_text_documents(path):
+        stream += tokenizer.encode(document, bos=True, eos=True)
+        if len(stream) > max_tokens:
+            break
+    stream = stream[: max_tokens + 1]
+    windows = [stream[i:i + seq_len + 1] for i in range(0, len(stream) - 1, seq_len)]
+    windows = [w for w in windows if len(w) > 1]
+    if not windows:
+        raise ValueError(f"{path}: no text to compute a perplexity on")
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(windows), batch_size):
+            chunk = windows[start:start + batch_size]
+            width = max(len(w) for w in chunk)
+            ids = torch.zeros(len(chunk), width - 1, dtype=torch.long)
+            labels = torch.full((len(chunk), width - 1), -100, dtype=torch.long)
+            for row, window in enumerate(chunk):
+                ids[row, :len(window) - 1] = torch.tensor(window[:-1])
+                labels[row, :len(window) - 1] = torch.tensor(window[1:])
+            logits = model(ids.to(device)).float()
+            total += float(F.cross_entropy(logits.flatten(0, 1), labels.to(device).flatten(), ignore_index=-100,
+                                           reduction="sum"))
+            count += int((labels != -100).sum())
+    model.train(was_training)
+    return math.exp(total / count)
+
+
+def win_rate(outcomes: list[int]) -> dict[str, float]:
+    """Win, tie and loss shares of +1 / 0 / -1 outcomes (the paper's Fig 1 and Fig 12 bars)."""
+    n = len(outcomes)
+    if n == 0:
+        return {"n": 0.0, "win": float("nan"), "tie": float("nan"), "loss": float("nan")}
+    return {"n": float(n), "win": outcomes.count(1) / n, "tie": outcomes.count(0) / n, "loss": outcomes.count(-1) / n}
+
+
+def oracle_outcomes(answers_a: list[dict[str, Any]], answers_b: list[dict[str, Any]]) -> list[int]:
+    """+1 where the oracle's helpfulness of A's answer beats B's, -1 where it is lower, 0 for a tie
+    (same prompts, same order, as ``oracle_answers`` returns them)."""
+    _check_same_prompts(answers_a, answers_b)
+    return [(a["judgement"].helpfulness > b["judgement"].helpfulness) - (a["judgement"].helpfulness <
+                                                                        b["judgement"].helpfulness)
+            for a, b in zip(answers_a, answers_b)]
+
+
+def reward_outcomes(answers_a: list[dict[str, Any]], answers_b: list[dict[str, Any]], tokenizer: Tokenizer,
+                    helpfulness_rm: Transformer, safety_rm: Transformer | None, *, safety_tags: list[bool],
+                    tie_margin: float = 0.02) -> list[int]:
+    """+1 / 0 / -1 per prompt by the reward models: the safety-aware reward R_c of section 3.2.3
+    (``rlhf.rewards.safety_first_reward``) of each answer on the sigmoid scale; a gap below
+    ``tie_margin`` (or the same text) is a tie. The paper does not define a reward-model tie; a
+    small margin keeps the noise of a near-equal score out of the win column."""
+    import torch
+
+    from llama2_lit.reward_metrics import score_responses
+    from llama2_lit.rlhf.rewards import safety_first_reward
+
+    _check_same_prompts(answers_a, answers_b)
+    prompts = [a["messages"] for a in answers_a]
+    tags = torch.tensor(safety_tags, dtype=torch.bool)
+
+    def reward(answers: list[dict[str, Any]]) -> torch.Tensor:
+        texts = [a["response"] for a in answers]
+        r_h = torch.sigmoid(score_responses(helpfulness_rm, tokenizer, prompts, texts))
+        if safety_rm is None:
+            return r_h
+        r_s = torch.sigmoid(score_responses(safety_rm, tokenizer, prompts, texts))
+        return safety_first_reward(r_h, r_s, tags)
+
+    r_a, r_b = reward(answers_a), reward(answers_b)
+    outcomes = []
+    for a, b, ra, rb in zip(answers_a, answers_b, r_a.tolist(), r_b.tolist()):
+        same = a["response"].strip() == b["response"].strip()
+        outcomes.append(0 if same or abs(ra - rb) < tie_margin else (1 if ra > rb else -1))
+    return outcomes
+
+
+def _check_same_prompts(answers_a: list[dict[str, Any]], answers_b: list[dict[str, Any]]) -> None:
+    if len(answers_a) != len(answers_b) or any(a["messages"] != b["messages"] for a, b in zip(answers_a, answers_b)):
+        raise ValueError("a win rate compares answers to the same prompts, in the same order")
+
+
+def reward_model_accuracy(reward_model: Transformer, tokenizer: Tokenizer, records: list[dict]) -> dict[str, float]:
+    """Accuracy per rating and overall (Table 8's row) of a reward model on ``preference`` records,
+    with the number of pairs."""
+    from llama2_lit.reward_metrics import evaluate_pairs, rating_table
+
+    metrics = evaluate_pairs(reward_model, tokenizer, records)
+    return {**rating_table(metrics), "pairs": metrics["pairs"]}
+
+
+def evaluate_checkpoints(checkpoints: dict[str, str | Path], *, world: str | Path, tokenizer_path: str | Path,
+                         prompts_per_suite: int = 100, decoding: Decoding = Decoding(),
+                         reward_models: dict[str, str | Path] | None = None,
+                         preference_files: dict[str, str | Path] | None = None,
+                         perplexity_tokens: int = 32_768, baseline: str | None = None,
+                         log: Any = print) -> dict[str, Any]:
+    """The whole suite (module docstring), as a JSON-ready dict.
+
+    ``checkpoints``: name -> policy checkpoint; every other one's win rate is taken against
+    ``baseline`` (default: the first).
+    ``reward_models``: ``helpfulness`` and/or ``safety`` -> reward-model checkpoint; they judge the
+    win rates and are scored on ``preference_files`` (name -> ``preference`` file).
+    """
+    from llama2_lit.checkpoints import load_model
+    from llama2_lit.data.records import load_records
+    from llama2_lit.reward_metrics import load_reward_model
+
+    tokenizer = Tokenizer(tokenizer_path)
+    suites = evaluation_suites(world, prompts_per_suite, seed=decoding.seed)
+    results: dict[str, Any] = {"decoding": asdict(decoding), "prompts_per_suite": prompts_per_suite,
+                               "models": {}, "samples": {}, "win_rates": {}, "reward_models": {}}
+    answers: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for name, checkpoint in checkpoints.items():
+        model = load_model(checkpoint).eval()
+        scores: dict[str, Any] = {"checkpoint": str(checkpoint),
+                                  "perplexity": corpus_perplexity(model, tokenizer, Path(world) / "corpus_val.txt",
+                                                                  max_tokens=perplexity_tokens)}
+        answers[name] = {}
+        for suite, records in suites.items():
+            answers[name][suite] = oracle_answers(model, tokenizer, records, max_new_tokens=decoding.max_new_tokens,
+                                                  temperature=decoding.temperature, top_p=decoding.top_p,
+                                                  seed=decoding.seed)
+            scores[suite] = suite_summary(answers[name][suite])
+        results["models"][name] = scores
+        results["samples"][name] = {suite: [a["response"] for a in answers[name][suite][:3]] for suite in suites}
+        log(f"[evaluate] {name}: ppl {scores['perplexity']:.2f}  " + "  ".join(
+            f"{suite} h {scores[suite]['helpfulness']:.3f} v {scores[suite]['violation']:.2f} "
+            f"r {scores[suite]['refusal']:.2f}" for suite in suites))
+        del model
+
+    rms = {kind: load_reward_model(path) for kind, path in (reward_models or {}).items()}
+    baseline = baseline or next(iter(checkpoints))
+    if baseline not in checkpoints:
+        raise ValueError(f"the win-rate baseline {baseline!r} is not one of the checkpoints {list(checkpoints)}")
+    for name in [n for n in checkpoints if n != baseline]:
+        a = [x for suite in suites for x in answers[name][suite]]
+        b = [x for suite in suites for x in answers[baseline][suite]]
+        entry = {"baseline": baseline, "oracle": win_rate(oracle_outcomes(a, b))}
+        if "helpfulness" in rms:
+            tags = [bool(r.get("is_safety", r.get("meta", {}).get("category") == "harmful"))
+                    for suite in suites for r in suites[suite]]
+            entry["reward_model"] = win_rate(reward_outcomes(a, b, tokenizer, rms["helpfulness"], rms.get("safety"),
+                                                             safety_tags=tags))
+        results["win_rates"][name] = entry
+    for kind, model in rms.items():
+        results["reward_models"][kind] = {"checkpoint": str(reward_models[kind])} | {
+            label: reward_model_accuracy(model, tokenizer, load_records(path, "preference"))
+            for label, path in (preference_files or {}).items()}
+    return results
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """The suite's results as markdown tables (oracle scores per model and suite; win rates;
+    reward-model accuracy by rating)."""
+    from llama2_lit.data.records import RATINGS
+
+    def fmt(value: Any, digits: int = 3) -> str:
+        return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+    d = results["decoding"]
+    lines = [f"Decoding: temperature {d['temperature']:g}, top-p {d['top_p']:g}, at most {d['max_new_tokens']} "
+             f"new tokens; {results['prompts_per_suite']} prompts per suite.", "",
+             "| model | perplexity | tasks (held-out) helpfulness | accuracy | tasks (seen) helpfulness | "
+             "violation (harmful) | false refusal (borderline) |", "|---|---|---|---|---|---|---|"]
+    for name, m in results["models"].items():
+        held, seen, harmful, border = (m[s] for s in SUITES)
+        lines.append(f"| {name} | {fmt(m['perplexity'], 2)} | {fmt(held['helpfulness'])} ± "
+                     f"{fmt(held['helpfulness_se'])} | {fmt(held.get('accuracy'))} | {fmt(seen['helpfulness'])} | "
+                     f"{fmt(harmful['violation'])} | {fmt(border['refusal'])} |")
+    if results["win_rates"]:
+        lines += ["", "| model | against | judge | win | tie | loss |", "|---|---|---|---|---|---|"]
+        for name, entry in results["win_rates"].items():
+            for judge_name in ("oracle", "reward_model"):
+                if judge_name in entry:
+                    w = entry[judge_name]
+                    lines.append(f"| {name} | {entry['baseline']} | {judge_name.replace('_', ' ')} | {fmt(w['win'])} | "
+                                 f"{fmt(w['tie'])} | {fmt(w['loss'])} |")
+    if results["reward_models"]:
+        lines += ["", "| reward model | test set | pairs | " + " | ".join(RATINGS) + " | avg |",
+                  "|---|---|---|" + "---|" * (len(RATINGS) + 1)]
+        for kind, entry in results["reward_models"].items():
+            for label, row in entry.items():
+                if label != "checkpoint":
+                    lines.append(f"| {kind} | {label} | {int(row['pairs'])} | " +
+                                 " | ".join(fmt(row[r]) for r in RATINGS) + f" | {fmt(row['avg'])} |")
+    return "\n".join(lines) + "\n"

@@ -1,127 +1,703 @@
-"""The recipe end to end on the toy world: ``make demo`` (``llama2-lit demo``).
+"""The recipe end to end on the toy world, as a declared graph of stages: ``make demo`` (``llama2-lit demo``).
 
-Stages run in order, each from the YAML config a practitioner would use
-(``configs/<size>/<stage>.yaml``) through the same ``llama2-lit fit`` command, and each writes its
-run directory under ``--out``:
+A stage is data (``Stage``): its name, the stages whose outputs it reads (``inputs``), what it
+writes under ``OUT/<name>/`` (``outputs``), and how it runs — a ``llama2-lit fit`` of a YAML config
+with command-line overrides (a subprocess: a clean process per stage, as a user would run it), or
+a Python function (annotation, data synthesis, evaluation, the report). Overrides and parameters
+name other stages' outputs as ``${stage}`` (the first output) or ``${stage.key}``; only declared
+inputs may be named. ``recipe(size, versions)`` builds the paper's order at toy scale:
 
-    world      the toy world's files and its 4096-piece tokenizer (data/world, data/tokenizer)
-    pretrain   next-token pretraining (paper 2.2)            -> OUT/pretrain/
-    sft        supervised fine-tuning on chat dialogs (3.1)  -> OUT/sft/  (init_from the pretraining)
-    evaluate   the oracle judges greedy answers of both models on held-out suites
-    report     OUT/report.md (+ OUT/curves.png): what each stage achieved, in numbers
+    world                 the toy world's files and its 4096-piece tokenizer (data/world, data/tokenizer)
+    pretrain              next-token pretraining (paper 2.2)
+    sft                   supervised fine-tuning on chat dialogs (3.1)
+    v<k>/annotate         fresh preference pairs on the latest policy's samples, annotated by the oracle (3.2.1)
+    v<k>/rm_helpfulness   both reward models retrained from the SFT checkpoint on the static pairs and
+    v<k>/rm_safety          every annotated batch so far (3.2.2)
+    v<k>/rs, v<k>/rs_sft  best-of-K from the latest policy by these RMs, pooled with the earlier versions'
+                          kept samples, then SFT on the pool's best: the next policy (3.2.3)
+    ppo                   the last version: PPO from its rejection-sampling model with its reward models (3.2.3)
+    gatt/data, gatt/sft   Ghost Attention data sampled from the PPO model, then SFT on it (3.3)
+    cd/data, cd/sft       safety context distillation data, kept by the safety RM, then SFT (4.2.4)
+    evaluate              the evaluation suite on every stage's model (llama2_lit.evaluation)
+    report                OUT/report.md, its plots and OUT/report.html
 
-Stages are cached: a finished stage leaves ``OUT/<stage>/DONE.json`` and is skipped next time; an
-interrupted one resumes from its ``last.ckpt`` (optimizer, schedule, data position and RNG
-restored). ``--fresh`` starts over. Later stages of the recipe (reward models, rejection sampling,
-PPO, Ghost Attention, safety) join this list as they are built.
-
-The evaluation suites (``evaluate``):
-
-* ``tasks (held-out)`` — ``sft_eval``: questions about people known only from prose, arithmetic on
-  operand pairs that appear nowhere in training, unseen words to transform (generalisation);
-* ``tasks (seen)`` — task prompts from ``sft_train`` (what SFT was taught directly);
-* ``harmful (held-out)`` — ``safety_eval``: a safe answer (refusal with help) is what scores;
-* ``borderline (held-out)`` — ``borderline_eval``: benign prompts that look risky; refusing them
-  is a false refusal (paper Fig 33).
+Caching: a finished stage writes ``OUT/<name>/DONE.json`` with its *key* — a hash of its config
+file, overrides, parameters and the identities of its inputs — and an *identity* (its key and
+when it finished). A stage is skipped when its DONE key equals the key computed now, so editing a
+config reruns that stage and, because its identity changes, everything downstream.
+``--force STAGE`` (a name, or a tag such as ``rm``) reruns the matching stages and everything
+downstream of them. An interrupted training stage resumes from its ``last.ckpt`` (``--ckpt_path
+last``: optimizer, schedule, data position and RNG restored) when its key has not changed.
+A function's code is not part of its key: after editing one, ``--force`` its stage.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import random
+import math
+import re
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-STAGES = ("pretrain", "sft")
+from llama2_lit.runs import load_run
+
 DONE_FILE = "DONE.json"
+STARTED_FILE = "STARTED.json"
+CHECKPOINT = "checkpoints/last.ckpt"
+PLACEHOLDER = re.compile(r"\$\{([^}.]+)(?:\.(\w+))?\}")
 
 
-# ------------------------------------------------------------------------------------- stages
-def run_stage(stage: str, size: str, out: Path, extra_args: list[str]) -> tuple[Path, float]:
-    """Train one stage with ``llama2-lit fit`` (a subprocess: a clean process per stage, as a user
-    would run it); returns its final checkpoint and training seconds. Cached by ``DONE.json``;
-    resumes if interrupted."""
-    run_dir = out / stage
-    done = run_dir / DONE_FILE
-    checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    if done.is_file():
-        print(f"[{stage}] cached: {run_dir} (delete {done} or pass --fresh to retrain)")
-        return checkpoint, json.loads(done.read_text())["seconds"]
-    command = [sys.executable, "-m", "llama2_lit", "fit", "--config", str(config_path(size, stage)),
-               "--run.dir", str(run_dir), "--trainer.enable_progress_bar", "false"]
-    if stage == "sft":
-        command += ["--model.init_args.init_from", str(out / "pretrain" / "checkpoints" / "last.ckpt")]
-    if checkpoint.exists():
-        print(f"[{stage}] resuming the interrupted run in {run_dir}")
-        command += ["--ckpt_path", "last"]
-    else:
-        command += ["--run.overwrite", "true"]
-    command += extra_args
-    print(f"[{stage}] {' '.join(command[1:])}", flush=True)
-    start = time.time()
-    subprocess.run(command, check=True)
-    if not checkpoint.exists():
-        raise RuntimeError(f"[{stage}] finished without writing {checkpoint}")
-    seconds = time.time() - start
-    done.write_text(json.dumps({"checkpoint": str(checkpoint), "seconds": seconds, "command": command[1:]},
-                               indent=2) + "\n")
-    return checkpoint, seconds
+class PipelineError(ValueError):
+    """A graph that cannot run as declared (unknown input, cycle, a placeholder naming an undeclared input)."""
 
 
-def config_path(size: str, stage: str) -> Path:
-    path = Path("configs") / size / f"{stage}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"no config for stage {stage!r} at size {size!r}: {path}")
-    return path
+# ------------------------------------------------------------------------------------- the graph
+@dataclass(frozen=True)
+class Stage:
+    """One node of the pipeline.
+
+    Exactly one of ``config`` (a ``llama2-lit fit`` stage; ``overrides`` are its extra
+    ``--key value`` arguments, a list value given as a JSON list) and ``function`` (called as
+    ``function(stage_dir, **params)``, returning a JSON-able summary) is set. ``outputs`` maps a
+    name to a path inside the stage's directory; the first is what ``${name}`` means.
+    """
+
+    name: str
+    inputs: tuple[str, ...] = ()
+    config: str | None = None
+    overrides: tuple[tuple[str, Any], ...] = ()
+    function: Callable[..., dict[str, Any]] | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    outputs: Mapping[str, str] = field(default_factory=lambda: {"checkpoint": CHECKPOINT})
+    tags: tuple[str, ...] = ()
+    about: str = ""
+
+    @property
+    def is_training(self) -> bool:
+        return self.config is not None
 
 
-# ------------------------------------------------------------------------------------- evaluation
-def evaluation_suites(world: Path, n: int, seed: int = 0) -> dict[str, list[dict]]:
-    """The held-out (and one seen) prompt sets the report scores; ``n`` prompts each, fixed by ``seed``."""
-    from llama2_lit.data.records import load_records
+def check_graph(stages: Sequence[Stage]) -> None:
+    """Names unique, inputs declared before use (so the list is a topological order), exactly one way to
+    run, and every ``${...}`` placeholder naming a declared input and one of its outputs."""
+    seen: dict[str, Stage] = {}
+    for stage in stages:
+        if stage.name in seen:
+            raise PipelineError(f"stage {stage.name!r} is declared twice")
+        for other in seen:
+            if stage.name.startswith(f"{other}/") or other.startswith(f"{stage.name}/"):
+                raise PipelineError(f"stages {other!r} and {stage.name!r}: one's directory would hold the other's")
+        if (stage.config is None) == (stage.function is None):
+            raise PipelineError(f"stage {stage.name!r}: give exactly one of config= and function=")
+        for name in stage.inputs:
+            if name not in seen:
+                raise PipelineError(f"stage {stage.name!r}: input {name!r} is not a stage declared before it")
+        for name, key in _placeholders([stage.overrides, dict(stage.params)]):
+            if name not in stage.inputs:
+                raise PipelineError(f"stage {stage.name!r}: ${{{name}}} names a stage that is not one of its inputs "
+                                    f"{list(stage.inputs)}")
+            if key is not None and key not in seen[name].outputs:
+                raise PipelineError(f"stage {stage.name!r}: ${{{name}.{key}}}: {name!r} has no output {key!r} "
+                                    f"(its outputs: {list(seen[name].outputs)})")
+        seen[stage.name] = stage
 
-    rng = random.Random(seed)
 
-    def sample(records: list[dict]) -> list[dict]:
-        return rng.sample(records, min(n, len(records)))
+def select(stages: Sequence[Stage], selectors: Iterable[str]) -> set[str]:
+    """The stages a ``--force`` selector names: a stage's name, or one of its tags."""
+    names = set()
+    for selector in selectors:
+        matched = {s.name for s in stages if s.name == selector or selector in s.tags}
+        if not matched:
+            known = sorted({s.name for s in stages} | {t for s in stages for t in s.tags})
+            raise PipelineError(f"--force {selector}: no stage has this name or tag; choose from {known}")
+        names |= matched
+    return names
 
-    def tasks(records: list[dict]) -> list[dict]:
-        return [r for r in records if r.get("meta", {}).get("category") == "task"]
 
-    return {
-        "tasks (held-out)": sample(tasks(load_records(world / "sft_eval.jsonl", "chat"))),
-        "tasks (seen)": sample(tasks(load_records(world / "sft_train.jsonl", "chat"))),
-        "harmful (held-out)": sample(load_records(world / "safety_eval.jsonl", "prompts")),
-        "borderline (held-out)": sample(load_records(world / "borderline_eval.jsonl", "prompts")),
+def downstream(stages: Sequence[Stage], names: Iterable[str]) -> set[str]:
+    """``names`` and every stage that reads, directly or not, one of their outputs."""
+    closure = set(names)
+    for stage in stages:  # declaration order is a topological order (check_graph)
+        if closure.intersection(stage.inputs):
+            closure.add(stage.name)
+    return closure
+
+
+def output_path(out: Path, stage: Stage, key: str | None = None) -> Path:
+    """Where ``${stage}`` / ``${stage.key}`` points."""
+    if not stage.outputs:
+        raise PipelineError(f"stage {stage.name!r} declares no outputs to point at")
+    return out / stage.name / stage.outputs[key or next(iter(stage.outputs))]
+
+
+def resolve(value: Any, out: Path, by_name: Mapping[str, Stage]) -> Any:
+    """``value`` with every ``${stage}`` / ``${stage.key}`` replaced by the output's path (strings, nested
+    lists, tuples and dicts)."""
+    if isinstance(value, str):
+        return PLACEHOLDER.sub(lambda m: str(output_path(out, by_name[m.group(1)], m.group(2))), value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(resolve(v, out, by_name) for v in value)
+    if isinstance(value, Mapping):
+        return {k: resolve(v, out, by_name) for k, v in value.items()}
+    return value
+
+
+def _placeholders(value: Any) -> list[tuple[str, str | None]]:
+    if isinstance(value, str):
+        return [(m.group(1), m.group(2)) for m in PLACEHOLDER.finditer(value)]
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in _placeholders(v)]
+    if isinstance(value, Mapping):
+        return [p for v in value.values() for p in _placeholders(v)]
+    return []
+
+
+# ------------------------------------------------------------------------------------- caching
+def stage_key(stage: Stage, input_identities: Mapping[str, str], root: Path = Path(".")) -> str:
+    """What a stage's result depends on: its config file's text, overrides, function and parameters,
+    and the identities of its inputs' results."""
+    spec = {
+        "config": stage.config, "overrides": [list(o) for o in stage.overrides],
+        "config_text": (root / stage.config).read_text() if stage.config else None,
+        "function": f"{stage.function.__module__}.{stage.function.__qualname__}" if stage.function else None,
+        "params": stage.params, "outputs": dict(stage.outputs),
+        "inputs": {name: input_identities[name] for name in stage.inputs},
     }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def evaluate_models(checkpoints: dict[str, Path], suites: dict[str, list[dict]], tokenizer_path: Path,
-                    max_new_tokens: int) -> dict[str, Any]:
-    """``{model: {suite: summary}}`` and a few answers per suite for the report."""
+def read_marker(out: Path, stage: Stage, marker: str = DONE_FILE) -> dict[str, Any] | None:
+    path = out / stage.name / marker
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError:
+        return None  # a marker cut short by a crash: the stage did not finish
+
+
+def plan(stages: Sequence[Stage], out: Path, force: Iterable[str] = (), root: Path = Path(".")) -> dict[str, str]:
+    """What each stage will do: ``cached`` (finished with the same key), ``resume`` (an interrupted
+    training run with the same key and a checkpoint), or ``run``. A stage downstream of one that
+    runs runs too (its inputs' identities will change)."""
+    forced = downstream(stages, select(stages, force))
+    status: dict[str, str] = {}
+    identities: dict[str, str] = {}
+    for stage in stages:
+        if stage.name in forced or any(status[name] != "cached" for name in stage.inputs):
+            status[stage.name] = "run"
+            continue
+        key = stage_key(stage, identities, root)
+        done = read_marker(out, stage)
+        if done is not None and done.get("key") == key:
+            status[stage.name] = "cached"
+            identities[stage.name] = done["identity"]
+        else:
+            started = read_marker(out, stage, STARTED_FILE)
+            resumable = (stage.is_training and started is not None and started.get("key") == key
+                         and (out / stage.name / CHECKPOINT).exists())
+            status[stage.name] = "resume" if resumable else "run"
+    return status
+
+
+# ------------------------------------------------------------------------------------- running
+def fit_command(stage: Stage, out: Path, by_name: Mapping[str, Stage], *, group: str, resume: bool,
+                progress_bar: bool = True) -> list[str]:
+    """The ``llama2-lit fit`` command line of a training stage; Lightning's progress bar, or with
+    ``progress_bar=False`` one line every few steps."""
+    command = [sys.executable, "-m", "llama2_lit", "fit", "--config", stage.config, "--run.dir", str(out / stage.name),
+               "--run.group", group]
+    for option, value in stage.overrides:
+        value = resolve(value, out, by_name)
+        command += [option, json.dumps(value) if isinstance(value, (list, tuple)) else str(value)]
+    if not progress_bar:
+        # Not a terminal: a line every few steps instead of a redrawn bar (stages.callbacks.ProgressLine).
+        command += ["--trainer.enable_progress_bar", "false",
+                    "--trainer.callbacks+=llama2_lit.stages.callbacks.ProgressLine",
+                    "--trainer.callbacks.prefix", stage.name]
+    command += ["--ckpt_path", "last"] if resume else ["--run.overwrite", "true"]
+    return command
+
+
+def run_stage(stage: Stage, out: Path, by_name: Mapping[str, Stage], identities: Mapping[str, str], *,
+              group: str, forced: bool, root: Path = Path("."), in_process: bool = False) -> dict[str, Any]:
+    """Run one stage whose inputs are done (or return its cached result); returns its DONE record.
+
+    A training stage runs its ``llama2-lit fit`` command in a subprocess (a clean process per stage,
+    as a user would run it), or with ``in_process`` in this one."""
+    stage_dir = out / stage.name
+    key = stage_key(stage, identities, root)
+    done = read_marker(out, stage)
+    if done is not None and done.get("key") == key and not forced:
+        return {**done, "status": "cached"}
+    started = read_marker(out, stage, STARTED_FILE)
+    resume = (not forced and stage.is_training and started is not None and started.get("key") == key
+              and (stage_dir / CHECKPOINT).exists())
+    if not resume and stage_dir.exists():
+        shutil.rmtree(stage_dir)  # an old result or a run under another key: nothing of it is reused
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    (stage_dir / DONE_FILE).unlink(missing_ok=True)
+    _write_json(stage_dir / STARTED_FILE, {"key": key})
+    start = time.time()
+    if stage.is_training:
+        command = fit_command(stage, out, by_name, group=group, resume=resume, progress_bar=sys.stdout.isatty())
+        print(f"  $ {' '.join(command[1:])}", flush=True)
+        if in_process:  # the same command line, without a new interpreter and imports (tests)
+            from llama2_lit.stages.cli import lightning_main
+
+            status = lightning_main(command[3:])
+        else:
+            status = subprocess.run(command).returncode
+        if status != 0:
+            raise PipelineError(f"stage {stage.name!r}: `llama2-lit fit` exited with status {status} (its error is "
+                                f"above); fix it and run the pipeline again: finished stages are kept"
+                                + (" (this one resumes from its last checkpoint, if it wrote one)"
+                                   if stage.is_training else ""))
+        summary: dict[str, Any] = {"command": command[1:]}
+    else:
+        summary = stage.function(stage_dir, **resolve(dict(stage.params), out, by_name)) or {}
+    for name in stage.outputs:
+        if not output_path(out, stage, name).exists():
+            raise RuntimeError(f"stage {stage.name!r} finished without writing its output "
+                               f"{output_path(out, stage, name)}")
+    seconds = time.time() - start
+    record = {"key": key, "identity": f"{key}-{time.time_ns()}", "seconds": seconds, "resumed": resume,
+              "summary": summary}
+    _write_json(stage_dir / DONE_FILE, record)
+    return {**record, "status": "resumed" if resume else "ran"}
+
+
+def run_graph(stages: Sequence[Stage], out: str | Path, *, force: Iterable[str] = (), group: str | None = None,
+              root: Path = Path("."), in_process: bool = False) -> dict[str, dict[str, Any]]:
+    """Every stage in order, skipping the cached ones, with a live stage display; returns each DONE record."""
+    check_graph(stages)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    force = list(force)
+    forced = downstream(stages, select(stages, force))
+    by_name = {s.name: s for s in stages}
+    group = group or f"pipeline-{out.resolve().name}"
+    display = StageDisplay(stages, plan(stages, out, force, root))
+    records: dict[str, dict[str, Any]] = {}
+    identities: dict[str, str] = {}
+    for stage in stages:
+        display.start(stage.name)
+        records[stage.name] = run_stage(stage, out, by_name, identities, group=group, forced=stage.name in forced,
+                                        root=root, in_process=in_process)
+        identities[stage.name] = records[stage.name]["identity"]
+        display.finish(stage.name, records[stage.name])
+    display.close()
+    return records
+
+
+class StageDisplay:
+    """The stages and what each is doing: the plan first, then a line as each stage starts and ends
+    (cached / ran / resumed, its seconds, the pipeline's elapsed time)."""
+
+    def __init__(self, stages: Sequence[Stage], status: Mapping[str, str], stream: Any = None) -> None:
+        self.names = [s.name for s in stages]
+        self.about = {s.name: s.about for s in stages}
+        self.status = dict(status)
+        self.stream = stream or sys.stdout
+        self.begin = time.time()
+        self.width = max(map(len, self.names))
+        todo = sum(1 for v in self.status.values() if v != "cached")
+        self._print(f"pipeline: {len(self.names)} stages, {len(self.names) - todo} cached, {todo} to run")
+        for i, name in enumerate(self.names, start=1):
+            self._print(f"  {i:>2}. {name:<{self.width}}  {self.status[name]:<7} {self.about[name]}")
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
+
+    def _prefix(self, name: str) -> str:
+        return f"[{self.names.index(name) + 1:>2}/{len(self.names)} {name:<{self.width}}]"
+
+    def start(self, name: str) -> None:
+        if self.status[name] != "cached":
+            self._print(f"{self._prefix(name)} running   (pipeline {self._elapsed()})")
+
+    def finish(self, name: str, record: Mapping[str, Any]) -> None:
+        self.status[name] = record["status"]
+        self._print(f"{self._prefix(name)} {record['status']:<9} {record['seconds']:7.1f} s   "
+                    f"(pipeline {self._elapsed()})")
+
+    def close(self) -> None:
+        self._print(f"pipeline done in {self._elapsed()}")
+
+    def _elapsed(self) -> str:
+        seconds = time.time() - self.begin
+        return f"{int(seconds // 60)}:{seconds % 60:04.1f}"
+
+
+def _write_json(path: Path, value: Any) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    partial.replace(path)
+
+
+# ------------------------------------------------------------------------------------- the recipe
+WORLD = "data/world"
+TOKENIZER = "data/tokenizer/toy-4096.model"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much of each stage a size runs in the demo (the configs' own values are for a full run)."""
+
+    pretrain: tuple[tuple[str, Any], ...] = ()
+    sft: tuple[tuple[str, Any], ...] = ()
+    reward: tuple[tuple[str, Any], ...] = ()
+    ppo: tuple[tuple[str, Any], ...] = ()
+    rejection_sampling: tuple[tuple[str, Any], ...] = ()
+    gatt: tuple[tuple[str, Any], ...] = ()
+    context_distillation: tuple[tuple[str, Any], ...] = ()
+    annotate_prompts: int = 64        # per version: train prompts
+    annotate_eval_prompts: int = 48   # per version: held-out prompts (the pairs the RMs are tested on)
+    gatt_dialogs: int = 64
+    gatt_require_adherence: bool = True
+    gatt_eval_dialogs: int = 64       # held-out dialogs of the adherence table (Table 30)
+    distill_prompts: int = 64
+    rs_prompts: int = 256             # per version
+    rs_samples: int = 8               # K
+    rs_temperature: float | None = None  # None: the temperature sweep picks it (Fig 8)
+    eval_prompts: int = 100
+    max_new_tokens: int = 64
+    static_pairs: int | None = None  # held-out static pairs per file for the RM tables (None: all)
+
+
+def _steps(steps: int, every: int) -> tuple[tuple[str, Any], ...]:
+    return (("--trainer.max_steps", steps), ("--trainer.val_check_interval", every),
+            ("--checkpoint.every_n_train_steps", every))
+
+
+BUDGETS: dict[str, Budget] = {
+    # CI: the whole graph in ~3 minutes on 2 cores; every stage trains a few steps.
+    # Fewer SFT steps leave a model that answers with EOS alone (nothing to annotate).
+    "nano": Budget(pretrain=_steps(60, 30), sft=_steps(60, 60),
+                   reward=_steps(10, 10) + (("--trainer.limit_val_batches", 2),),
+                   ppo=(("--trainer.max_steps", 12), ("--trainer.val_check_interval", 3),  # 3 iterations
+                        ("--checkpoint.every_n_train_steps", 12), ("--trainer.limit_val_batches", 1)),
+                   gatt=_steps(10, 10) + (("--trainer.limit_val_batches", 2),),
+                   context_distillation=_steps(10, 10) + (("--trainer.limit_val_batches", 2),),
+                   rejection_sampling=_steps(10, 10) + (("--trainer.limit_val_batches", 2),
+                                                         ("--trainer.check_val_every_n_epoch", "null")),
+                   rs_prompts=32, rs_samples=4, rs_temperature=0.8,
+                   annotate_prompts=48, annotate_eval_prompts=48, gatt_dialogs=16, gatt_require_adherence=False,
+                   gatt_eval_dialogs=16, distill_prompts=128,
+                   eval_prompts=8, max_new_tokens=24, static_pairs=200),
+    # The demo: 20 minutes on 2 cores for everything. Not measured end to end yet; the estimates
+    # (quiet cores) are pretrain ~3.5 min, SFT ~2.5, the four reward models ~1 each, PPO ~1.5,
+    # annotation, GAtt/CD data and fine-tuning ~3 together, the evaluation ~1.5.
+    "micro": Budget(pretrain=_steps(300, 150), sft=(("--trainer.max_epochs", 1), ("--trainer.max_steps", 200),
+                                                    ("--trainer.val_check_interval", 100)),
+                    # One validation at the end, over every held-out pair (the static ones and this
+                    # version's fresh ones come one after the other: a batch limit would cut the fresh ones).
+                    reward=_steps(60, 60) + (("--trainer.limit_val_batches", 1.0),),
+                    ppo=(("--trainer.max_steps", 40), ("--trainer.val_check_interval", 5),  # 10 iterations
+                         ("--checkpoint.every_n_train_steps", 20), ("--trainer.limit_val_batches", 1)),
+                    gatt=_steps(60, 60) + (("--trainer.limit_val_batches", 5),),
+                    context_distillation=_steps(40, 40) + (("--trainer.limit_val_batches", 5),),
+                    rejection_sampling=_steps(60, 60) + (("--trainer.limit_val_batches", 5),
+                                                          ("--trainer.check_val_every_n_epoch", "null")),
+                    rs_prompts=128, rs_samples=8,
+                    annotate_prompts=192, annotate_eval_prompts=64, gatt_dialogs=96, distill_prompts=128,
+                    eval_prompts=64, max_new_tokens=48),
+}
+
+
+def config_path(size: str, name: str) -> str:
+    path = Path("configs") / size / f"{name}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config for stage {name!r} at size {size!r}: {path}")
+    return str(path)
+
+
+def _config_list(config: str, *keys: str) -> list[Any]:
+    value: Any = yaml.safe_load(Path(config).read_text())
+    for key in keys:
+        value = value[key]
+    return list(value)
+
+
+def recipe(size: str = "micro", versions: int = 2, budget: Budget | None = None) -> list[Stage]:
+    """The paper's order at toy scale (module docstring), as stages."""
+    if versions < 1:
+        raise ValueError(f"versions must be at least 1, got {versions}")
+    b = budget or BUDGETS.get(size, Budget())
+    stages = [
+        Stage("world", function=world_stage, outputs={}, about="toy world + tokenizer"),
+        Stage("pretrain", ("world",), config=config_path(size, "pretrain"), overrides=b.pretrain,
+              about="pretraining (2.2)"),
+        Stage("sft", ("pretrain",), config=config_path(size, "sft"),
+              overrides=(("--model.init_args.init_from", "${pretrain}"), *b.sft), about="SFT (3.1)"),
+    ]
+    policy = "sft"  # the latest policy: each version's rejection-sampling fine-tuning replaces it (3.2.3)
+    annotated: list[str] = []
+    rms: dict[str, str] = {}
+    for v in range(1, versions + 1):
+        annotate = f"v{v}/annotate"
+        stages.append(Stage(annotate, (policy,), function=annotate_stage,
+                            params={"policy": f"${{{policy}}}", "prompts": f"{WORLD}/rl_prompts_train.jsonl",
+                                    "eval_prompts": f"{WORLD}/rl_prompts_eval.jsonl", "version": v,
+                                    "num_prompts": b.annotate_prompts, "num_eval_prompts": b.annotate_eval_prompts,
+                                    "max_new_tokens": b.max_new_tokens},
+                            outputs={"train": "train.jsonl", "eval": "eval.jsonl"}, tags=("annotate", f"v{v}"),
+                            about=f"RLHF-V{v}: pairs on {policy}'s samples (3.2.1)"))
+        annotated.append(annotate)
+        for kind in ("helpfulness", "safety"):
+            config = config_path(size, f"reward_{kind}")
+            train = _config_list(config, "data", "init_args", "train_files")
+            weights = _config_list(config, "data", "init_args", "train_weights")
+            val = _config_list(config, "data", "init_args", "val_files")
+            name = f"v{v}/rm_{kind}"
+            stages.append(Stage(name, ("sft", *annotated), config=config, overrides=(
+                ("--model.init_args.init_from", "${sft}"),
+                ("--data.init_args.train_files", [*train, *(f"${{{a}.train}}" for a in annotated)]),
+                ("--data.init_args.train_weights", [*weights, *([1.0] * len(annotated))]),
+                ("--data.init_args.val_files", [*val, f"${{{annotate}.eval}}"]), *b.reward),
+                tags=("rm", f"v{v}"), about=f"RLHF-V{v}: {kind} RM on static + {len(annotated)} annotated batch(es)"))
+            rms[kind] = name
+        # Rejection sampling from the latest policy with this version's RMs, pooled with every earlier
+        # version's kept samples, then SFT on the pool's best (3.2.3); its model is the next policy.
+        rs, earlier = f"v{v}/rs", [f"v{k}/rs" for k in range(1, v)]
+        stages.append(Stage(rs, (policy, rms["helpfulness"], rms["safety"], *earlier[-1:]),
+                            function=rejection_sampling_stage, params={
+                                "policy": f"${{{policy}}}", "rm_helpfulness": f"${{{rms['helpfulness']}}}",
+                                "rm_safety": f"${{{rms['safety']}}}",
+                                "previous_pool": f"${{{earlier[-1]}.pool}}" if earlier else None,
+                                "prompts": f"{WORLD}/rl_prompts_train.jsonl", "version": v,
+                                "num_prompts": b.rs_prompts, "num_samples": b.rs_samples,
+                                "temperature": b.rs_temperature, "max_new_tokens": b.max_new_tokens},
+                            outputs={"train": "train.jsonl", "pool": "pool.jsonl"}, tags=("rs", f"v{v}"),
+                            about=f"RLHF-V{v}: best-of-{b.rs_samples} from {policy} by the V{v} RMs, pooled (3.2.3)"))
+        stages.append(Stage(f"{rs}_sft", (policy, rs), config=config_path(size, "rejection_sampling"), overrides=(
+            ("--model.init_args.init_from", f"${{{policy}}}"), ("--data.init_args.train_files", [f"${{{rs}.train}}"]),
+            *b.rejection_sampling), tags=("rs", f"v{v}"), about=f"RLHF-V{v}: fine-tuning on the pool's best"))
+        policy = f"{rs}_sft"
+    stages.append(Stage("ppo", (policy, rms["helpfulness"], rms["safety"]), config=config_path(size, "ppo"), overrides=(
+        ("--model.init_args.init_from", f"${{{policy}}}"),
+        ("--model.init_args.value_from", f"${{{rms['helpfulness']}}}"),
+        ("--model.init_args.reward_helpfulness", f"${{{rms['helpfulness']}}}"),
+        ("--model.init_args.reward_safety", f"${{{rms['safety']}}}"), *b.ppo),
+        tags=("ppo", f"v{versions}"), about=f"RLHF-V{versions}: PPO from {policy} (3.2.3)"))
+    stages += [
+        Stage("gatt/data", ("ppo",), function=gatt_data_stage,
+              params={"policy": "${ppo}", "dialogs": f"{WORLD}/gatt_train.jsonl", "num_dialogs": b.gatt_dialogs,
+                      "require_adherence": b.gatt_require_adherence, "max_new_tokens": b.max_new_tokens},
+              outputs={"train": "train.jsonl"}, tags=("gatt",), about="Ghost Attention data from PPO (3.3)"),
+        Stage("gatt/sft", ("ppo", "gatt/data"), config=config_path(size, "gatt"), overrides=(
+            ("--model.init_args.init_from", "${ppo}"), ("--data.init_args.train_files", ["${gatt/data.train}"]),
+            *b.gatt), tags=("gatt",), about="Ghost Attention fine-tuning (3.3)"),
+        Stage("cd/data", ("gatt/sft", rms["safety"]), function=context_distillation_stage,
+              params={"policy": "${gatt/sft}", "safety_rm": f"${{{rms['safety']}}}",
+                      "prompts": f"{WORLD}/rl_prompts_train.jsonl", "num_prompts": b.distill_prompts,
+                      "max_new_tokens": b.max_new_tokens},
+              outputs={"train": "train.jsonl"}, tags=("cd",), about="context distillation data (4.2.4)"),
+        Stage("cd/sft", ("gatt/sft", "cd/data"), config=config_path(size, "context_distillation"), overrides=(
+            ("--model.init_args.init_from", "${gatt/sft}"), ("--data.init_args.train_files", ["${cd/data.train}"]),
+            *b.context_distillation), tags=("cd",), about="safety context distillation (4.2.4)"),
+    ]
+    models = {"pretrained": "pretrain", "sft": "sft", **{f"rejection sampling V{v}": f"v{v}/rs_sft" for v in
+                                                         range(1, versions + 1)},
+              "ppo": "ppo", "gatt": "gatt/sft", "context distillation": "cd/sft"}
+    rm_stages = [s.name for s in stages if "rm" in s.tags]
+    stages.append(Stage("evaluate", (*models.values(), *annotated, *rm_stages), function=evaluate_stage, params={
+        "models": {label: f"${{{name}}}" for label, name in models.items()},
+        "reward_models": {name: f"${{{name}}}" for name in rm_stages},
+        "fresh_pairs": {a.split("/")[0]: f"${{{a}.eval}}" for a in annotated},
+        "eval_prompts": b.eval_prompts, "max_new_tokens": b.max_new_tokens, "static_pairs": b.static_pairs,
+        "gatt_dialogs": b.gatt_eval_dialogs},
+        outputs={"results": "results.json", "table": "results.md"}, tags=("report",),
+        about="the evaluation suite on every stage's model"))
+    stages.append(Stage("report", tuple(s.name for s in stages), function=report_stage, params={
+        "size": size, "results": "${evaluate.results}"},
+        outputs={"markdown": "report.md", "html": "report.html"}, tags=("report",), about="report.md + plots + html"))
+    check_graph(stages)
+    return stages
+
+
+# ------------------------------------------------------------------------------------- function stages
+def world_stage(stage_dir: Path, *, size: str = "default", seed: int = 0) -> dict[str, Any]:
+    """The toy world and its tokenizer where the configs expect them (generated on first use)."""
+    from llama2_lit.stages.toy_world import ensure_toy_assets
+
+    world, tokenizer = ensure_toy_assets(size=size, seed=seed)
+    manifest = (world / "manifest.json").read_bytes()
+    return {"world": str(world), "tokenizer": str(tokenizer), "manifest": hashlib.sha256(manifest).hexdigest()[:16]}
+
+
+def _policy(checkpoint: str):
     from llama2_lit.checkpoints import load_model
-    from llama2_lit.evaluation import oracle_answers, suite_summary
     from llama2_lit.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer(tokenizer_path)
-    scores: dict[str, dict[str, dict[str, float]]] = {}
-    samples: dict[str, dict[str, list[str]]] = {}
-    for name, checkpoint in checkpoints.items():
-        model = load_model(checkpoint).eval()
-        scores[name], samples[name] = {}, {}
-        for suite, records in suites.items():
-            results = oracle_answers(model, tokenizer, records, max_new_tokens=max_new_tokens)  # inference mode inside
-            scores[name][suite] = suite_summary(results)
-            samples[name][suite] = [r["response"] for r in results[:3]]
-            print(f"[evaluate] {name:<10} {suite:<22} " + "  ".join(
-                f"{k} {v:.3f}" for k, v in scores[name][suite].items() if k != "n"), flush=True)
-    return {"scores": scores, "samples": samples}
+    return load_model(checkpoint).eval(), Tokenizer(TOKENIZER)
+
+
+def annotate_stage(stage_dir: Path, *, policy: str, prompts: str, eval_prompts: str, version: int, num_prompts: int,
+                   num_eval_prompts: int, max_new_tokens: int,
+                   temperatures: tuple[float, float] = (0.6, 1.0)) -> dict[str, Any]:
+    """Fresh pairs for one RLHF version: two samples per prompt from the latest policy at two temperatures,
+    annotated by the oracle (``sampling.annotate``). Each version takes the next slice of the prompts
+    (fresh prompts); held-out prompts give the pairs its RMs are tested on. Ties (equal oracle scores:
+    frequent for a weak policy, whose answers mostly score 0) give no pair."""
+    from dataclasses import asdict
+
+    from llama2_lit.data.records import load_records, write_records
+    from llama2_lit.sampling.annotate import Sampler, annotate_on_policy
+
+    model, tokenizer = _policy(policy)
+    summary = {}
+    for split, path, n in (("train", prompts, num_prompts), ("eval", eval_prompts, num_eval_prompts)):
+        records = load_records(path, "prompts")[(version - 1) * n: version * n]
+        pairs, stats = annotate_on_policy(records, tokenizer, Sampler(model, temperatures[0]),
+                                          Sampler(model, temperatures[1]), max_new_tokens=max_new_tokens,
+                                          seed=version)
+        if not pairs:
+            raise PipelineError(f"{split} annotation of version {version} produced no pairs: {asdict(stats)}")
+        write_records(pairs, stage_dir / f"{split}.jsonl", "preference")
+        summary[split] = asdict(stats)
+    return summary
+
+
+def rejection_sampling_stage(stage_dir: Path, *, policy: str, rm_helpfulness: str, rm_safety: str,
+                             previous_pool: str | None, prompts: str, version: int, num_prompts: int,
+                             num_samples: int, temperature: float | None, max_new_tokens: int) -> dict[str, Any]:
+    """One rejection-sampling iteration (``sampling.rejection.run_rejection_sampling_iteration``) without
+    its fine-tuning (the next stage): best-of-K from the latest policy by R_c, added to the pool of the
+    earlier versions (copied from ``previous_pool``), and the fine-tuning set drawn from the pool.
+    Each version samples the next slice of the prompts."""
+    from llama2_lit.data.records import load_records, write_records
+    from llama2_lit.sampling.rejection import run_rejection_sampling_iteration
+
+    if previous_pool is not None:
+        shutil.copy(previous_pool, stage_dir / "pool.jsonl")
+    records = load_records(prompts, "prompts")[(version - 1) * num_prompts: version * num_prompts]
+    write_records(records, stage_dir / "prompts.jsonl", "prompts")
+    summary = run_rejection_sampling_iteration(
+        policy, rm_helpfulness, rm_safety, stage_dir / "prompts.jsonl", stage_dir, iteration=version,
+        num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens, sweep_prompts=24,
+        tokenizer_path=TOKENIZER, wandb=False)
+    shutil.copy(stage_dir / f"iteration-{version}" / "train.jsonl", stage_dir / "train.jsonl")
+    return {key: value for key, value in summary.items() if key != "curves"} | {"curves": summary.get("curves")}
+
+
+def gatt_data_stage(stage_dir: Path, *, policy: str, dialogs: str, num_dialogs: int, require_adherence: bool,
+                    max_new_tokens: int) -> dict[str, Any]:
+    """Ghost Attention dialogs sampled from the latest RLHF model (``sampling.gatt``)."""
+    from llama2_lit.data.records import load_records, write_records
+    from llama2_lit.sampling.gatt import synthesize_gatt_data
+
+    model, tokenizer = _policy(policy)
+    records, summary = synthesize_gatt_data(model, tokenizer, load_records(dialogs, "chat")[:num_dialogs],
+                                            max_new_tokens=max_new_tokens, require_adherence=require_adherence)
+    # A dialog with an empty sampled answer is no chat record (an empty reply follows no instruction).
+    kept = [r for r in records if all(m["content"].strip() for m in r["messages"] if m["role"] == "assistant")]
+    summary["dropped_empty_answer"] = len(records) - len(kept)
+    records = kept
+    if not records:
+        raise PipelineError(f"no Ghost Attention dialog met its constraints ({summary}); sample more dialogs or "
+                           "turn the adherence filter off (Budget.gatt_require_adherence)")
+    write_records(records, stage_dir / "train.jsonl", "chat")
+    return summary
+
+
+def context_distillation_stage(stage_dir: Path, *, policy: str, safety_rm: str, prompts: str, num_prompts: int,
+                               max_new_tokens: int) -> dict[str, Any]:
+    """Safety context distillation data on adversarial prompts, kept where the safety RM prefers the
+    distilled answer (``sampling.context_distillation``, Fig 16b)."""
+    from llama2_lit.data.records import load_records, write_records
+    from llama2_lit.reward_metrics import load_reward_model
+    from llama2_lit.sampling.context_distillation import distill_safety_context
+
+    model, tokenizer = _policy(policy)
+    adversarial = [r for r in load_records(prompts, "prompts") if r.get("is_safety")][:num_prompts]
+    records, summary = distill_safety_context(model, load_reward_model(safety_rm), tokenizer, adversarial,
+                                              max_new_tokens=max_new_tokens)
+    if not records:
+        raise PipelineError(f"the safety RM kept no distilled answer of {len(adversarial)} prompts")
+    write_records(records, stage_dir / "train.jsonl", "chat")
+    return summary
+
+
+def evaluate_stage(stage_dir: Path, *, models: dict[str, str], reward_models: dict[str, str],
+                   fresh_pairs: dict[str, str], eval_prompts: int, max_new_tokens: int,
+                   static_pairs: int | None = None, gatt_dialogs: int = 64) -> dict[str, Any]:
+    """The evaluation suite on every stage's model; every version's RMs on the static held-out pairs
+    (Table 8; the first ``static_pairs`` of each file) and on every version's fresh pairs; constraint
+    adherence by turn on ``gatt_dialogs`` held-out dialogs before and after Ghost Attention (Table 30)."""
+    from llama2_lit.data.records import load_records
+    from llama2_lit.evaluation import Decoding, evaluate_checkpoints, reward_model_accuracy, results_markdown
+    from llama2_lit.reward_metrics import load_reward_model
+    from llama2_lit.tokenizer import Tokenizer
+
+    last = {kind: max((n for n in reward_models if n.endswith(f"rm_{kind}")), key=_version) for kind in
+            ("helpfulness", "safety")}
+    results = evaluate_checkpoints(
+        models, baseline="sft", world=WORLD,
+        tokenizer_path=TOKENIZER, prompts_per_suite=eval_prompts, decoding=Decoding(max_new_tokens=max_new_tokens),
+        reward_models={kind: reward_models[name] for kind, name in last.items()})  # they judge the win rates
+    tokenizer = Tokenizer(TOKENIZER)
+    fresh = {version: load_records(path, "preference") for version, path in fresh_pairs.items()}
+    static = {"helpfulness": load_records(f"{WORLD}/preference_helpful_eval.jsonl", "preference")[:static_pairs],
+              "safety": load_records(f"{WORLD}/preference_safety_eval.jsonl", "preference")[:static_pairs]}
+    versions: dict[str, Any] = {}
+    for name, checkpoint in reward_models.items():
+        model = load_reward_model(checkpoint)
+        kind = name.rsplit("rm_", 1)[1]
+        versions[name] = {"static": reward_model_accuracy(model, tokenizer, static[kind]),
+                          "fresh": {v: reward_model_accuracy(model, tokenizer, records)["avg"]
+                                    for v, records in fresh.items()}}
+    results["reward_model_versions"] = versions
+    # Table 30: constraint adherence turn by turn, before Ghost Attention (the PPO model) and after.
+    from llama2_lit.checkpoints import load_model
+    from llama2_lit.evaluation import adherence_by_turn, constraint_rollouts
+
+    dialogs = load_records(f"{WORLD}/gatt_eval.jsonl", "prompts")[:gatt_dialogs]
+    results["adherence_by_turn"] = {
+        label: adherence_by_turn(constraint_rollouts(load_model(models[label]).eval(), tokenizer, dialogs,
+                                                     max_new_tokens=max_new_tokens))
+        for label in ("ppo", "gatt", "context distillation") if label in models}
+    _write_json(stage_dir / "results.json", results)
+    (stage_dir / "results.md").write_text(results_markdown(results))
+    return {"models": list(results["models"])}
+
+
+def _version(name: str) -> int:
+    return int(name.split("/")[0].lstrip("v"))
+
+
+def report_stage(stage_dir: Path, *, size: str, results: str) -> dict[str, Any]:
+    """``OUT/report.md``, ``OUT/report.html`` and the plots, from the stages' records and the evaluation
+    (also kept in the stage's own directory)."""
+    out = stage_dir.parent
+    unigram = pretraining_baseline(size)
+    markdown = report_markdown(out, size, json.loads(Path(results).read_text()), stage_dir, unigram)
+    (stage_dir / "report.md").write_text(markdown)
+    (stage_dir / "report.html").write_text(markdown_to_html(markdown, title=f"llama2_lit demo ({size})"))
+    for name in ("report.md", "report.html"):
+        shutil.copy(stage_dir / name, out / name)
+    for plot in stage_dir.glob("*.png"):
+        shutil.copy(plot, out / plot.name)
+    return {"report": str(out / "report.md"), "unigram_ppl": unigram,
+            "val_ppl": load_run(out / "pretrain").last("val/ppl")}
+
+
+# ------------------------------------------------------------------------------------- the report
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _done(out: Path, name: str) -> dict[str, Any]:
+    return json.loads((out / name / DONE_FILE).read_text())
 
 
 def pretraining_baseline(size: str) -> float:
@@ -130,7 +706,7 @@ def pretraining_baseline(size: str) -> float:
     from llama2_lit.stages.pretrain import dataset_targets, unigram_perplexity
     from llama2_lit.tokenizer import Tokenizer
 
-    data_args = yaml.safe_load(config_path(size, "pretrain").read_text())["data"]["init_args"]
+    data_args = yaml.safe_load(Path(config_path(size, "pretrain")).read_text())["data"]["init_args"]
     data = PretrainDataModule(**data_args)
     data.prepare_data()
     data.setup("fit")
@@ -138,88 +714,276 @@ def pretraining_baseline(size: str) -> float:
     return unigram_perplexity(dataset_targets(data.train_dataset), dataset_targets(data.val_dataset), vocab_size)
 
 
-# ------------------------------------------------------------------------------------- report
-def write_report(out: Path, size: str, evaluation: dict[str, Any], unigram: float, suites: dict[str, list[dict]],
-                 seconds: dict[str, float]) -> Path:
-    from llama2_lit.runs import load_run, plot_runs
+def _plot(path: Path, panels: list[tuple[str, dict[str, tuple[list[Any], list[float]]], str]]) -> None:
+    """One panel per (title, {label: (xs, ys)}, x label)."""
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
+    for axis, (title, lines, xlabel) in zip(axes[0], panels):
+        for label, (xs, ys) in lines.items():
+            axis.plot(xs, ys, marker="o", markersize=3, label=label)
+        axis.set_title(title)
+        axis.set_xlabel(xlabel)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path, unigram: float) -> str:
+    """The report: what each stage achieved, in the layout of the paper's tables and figures."""
+    from llama2_lit.data.records import RATINGS
+    from llama2_lit.evaluation import SUITES
+    from llama2_lit.runs import plot_runs
+
+    stage_names = [p.parent.relative_to(out).as_posix() for p in sorted(out.glob(f"**/{DONE_FILE}"))]
+    records = {name: _done(out, name) for name in stage_names}
+    order = [s.name for s in recipe(size, max((_version(n) for n in records if n.startswith("v")), default=1))
+             if s.name in records]
+    lines = [f"# llama2_lit demo: the recipe on the toy world ({size})", "",
+             "Every number below is measured on held-out prompts by the toy world's oracle "
+             "(`llama2_lit.data.oracle`) or on held-out preference pairs; `llama2-lit evaluate` computes the "
+             "same numbers for any checkpoints (`llama2_lit.evaluation`).", "",
+             "| stage | seconds | resumed |", "|---|---|---|"]
+    lines += [f"| {name} | {records[name]['seconds']:.1f} | {'yes' if records[name].get('resumed') else ''} |"
+              for name in order]
+    lines.append(f"| **total** | {sum(records[n]['seconds'] for n in order):.1f} | |")
+
+    # Pretraining and SFT curves
     pretrain, sft = load_run(out / "pretrain"), load_run(out / "sft")
-    plot_runs([pretrain], ["train/loss", "val/ppl"], out / "curves_pretrain.png")
-    plot_runs([sft], ["train/loss", "val/loss", "val/helpfulness"], out / "curves_sft.png")
-
-    def fmt(value: float | None, digits: int = 3) -> str:
-        return "-" if value is None else f"{value:.{digits}f}"
-
-    lines = [f"# llama2_lit demo: the recipe on the toy world ({size})", ""]
-    lines += ["| stage | wall time |", "|---|---|"]
-    lines += [f"| {stage} | {seconds[stage] / 60:.1f} min |" for stage in seconds]
+    plot_runs([pretrain], ["train/loss", "val/ppl"], plots / "curves_pretrain.png")
+    plot_runs([sft], ["train/loss", "val/loss", "val/helpfulness"], plots / "curves_sft.png")
     ppl = pretrain.last("val/ppl")
     lines += ["", "## Pretraining (paper 2.2)", "",
-              f"- validation perplexity **{fmt(ppl, 2)}**, against **{unigram:.1f}** for a unigram model fitted "
-              f"to the training tokens ({unigram / ppl:.0f}x lower)" if ppl else "- no validation perplexity logged",
-              f"- {pretrain.last('train/tokens') or 0:,.0f} training tokens; throughput "
-              f"{fmt(pretrain.last('perf/tokens_per_s'), 0)} tokens/s, MFU {100 * (pretrain.last('perf/mfu') or 0):.0f}% "
-              "(against a matmul peak measured on this machine)",
-              "", "![pretraining curves](curves_pretrain.png)", ""]
-    lines += ["## Supervised fine-tuning (paper 3.1)", "",
-              "Greedy answers judged by the toy world's oracle (`llama2_lit.data.oracle`). Helpfulness is in "
-              "[0, 1]; accuracy is the share of exactly correct task answers; violation is the share of unsafe "
-              "answers; refusal on borderline prompts is a false refusal.", ""]
-    header = "| suite | n | model | helpfulness | accuracy | violation | refusal |"
-    lines += [header, "|---|---|---|---|---|---|---|"]
-    scores = evaluation["scores"]
-    for suite in suites:
-        for model in scores:
-            s = scores[model][suite]
-            lines.append(f"| {suite} | {int(s['n'])} | {model} | {fmt(s['helpfulness'])} | "
-                         f"{fmt(s.get('accuracy'))} | {fmt(s['violation'])} | {fmt(s['refusal'])} |")
-    lines += ["", "![SFT curves](curves_sft.png)", "", "## Sample answers", ""]
-    for suite, records in suites.items():
-        for index, record in enumerate(records[:2]):
-            question = next(m["content"] for m in reversed(record["messages"]) if m["role"] == "user")
-            lines.append(f"**{suite}** — _{question}_")
-            lines += [f"- {model}: {evaluation['samples'][model][suite][index]!r}" for model in scores]
-            lines.append("")
-    report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    (out / "scores.json").write_text(json.dumps({"unigram_ppl": unigram, "val_ppl": ppl, "seconds": seconds,
-                                                  "scores": scores}, indent=2) + "\n")
-    return report
+              f"- validation perplexity **{_fmt(ppl, 2)}**, against **{unigram:.1f}** for a unigram model fitted to "
+              f"the training tokens" if ppl else "- no validation perplexity logged",
+              f"- {pretrain.last('train/tokens') or 0:,.0f} training tokens at "
+              f"{_fmt(pretrain.last('perf/tokens_per_s'), 0)} tokens/s", "", "![pretraining](curves_pretrain.png)",
+              "", "![SFT](curves_sft.png)"]
+
+    # After every stage
+    d = results["decoding"]
+    models = results["models"]
+    lines += ["", "## Helpfulness, violations and false refusals after every stage", "",
+              f"Answers decoded at temperature {d['temperature']:g}, top-p {d['top_p']:g} (the paper's automatic "
+              f"safety evaluation, section 4.1), at most {d['max_new_tokens']} tokens; {results['prompts_per_suite']} "
+              "prompts per suite; ± is the standard error over prompts. Violation: share of unsafe answers to harmful "
+              "prompts (section 4.4); false refusal: share of refused borderline prompts (Fig 33).", "",
+              "| model | perplexity | helpfulness (held-out tasks) | accuracy | helpfulness (seen tasks) | "
+              "helpfulness (harmful) | violation (harmful) | false refusal (borderline) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, m in models.items():
+        held, seen, harmful, border = (m[s] for s in SUITES)
+        lines.append(f"| {name} | {_fmt(m['perplexity'], 2)} | {_fmt(held['helpfulness'])} ± "
+                     f"{_fmt(held['helpfulness_se'])} | {_fmt(held.get('accuracy'))} | {_fmt(seen['helpfulness'])} ± "
+                     f"{_fmt(seen['helpfulness_se'])} | {_fmt(harmful['helpfulness'])} | {_fmt(harmful['violation'])} "
+                     f"| {_fmt(border['refusal'])} |")
+    order_models = list(models)
+    xs = order_models  # categorical axis: one point per stage's model
+    _plot(plots / "stages.png", [("oracle scores after each stage", {
+        "helpfulness (held-out tasks)": (xs, [models[n][SUITES[0]]["helpfulness"] for n in order_models]),
+        "violation (harmful)": (xs, [models[n][SUITES[2]]["violation"] for n in order_models]),
+        "false refusal (borderline)": (xs, [models[n][SUITES[3]]["refusal"] for n in order_models])},
+        "model after each stage")])
+    lines += ["", "![after every stage](stages.png)"]
+    if results["win_rates"]:
+        lines += ["", "### Win rate against SFT (the paper's Fig 1 and Fig 12 style)", "",
+                  "Every prompt of every suite; the oracle judges by helpfulness, the reward models by the "
+                  "safety-aware reward R_c (section 3.2.3); ties are equal scores (oracle) or a gap under 0.02 on "
+                  "the sigmoid scale (reward models).", "",
+                  "| model | judge | win | tie | loss |", "|---|---|---|---|---|"]
+        for name, entry in results["win_rates"].items():
+            for judge_name in ("oracle", "reward_model"):
+                if judge_name in entry:
+                    w = entry[judge_name]
+                    lines.append(f"| {name} | {judge_name.replace('_', ' ')} | {_fmt(w['win'])} | {_fmt(w['tie'])} | "
+                                 f"{_fmt(w['loss'])} |")
+
+    # Reward models
+    versions = results.get("reward_model_versions", {})
+    if versions:
+        lines += ["", "## Reward models (paper 3.2.2)", "", "### Accuracy by rating on the static held-out pairs "
+                  "(Table 8's layout)", "",
+                  "| reward model | pairs | " + " | ".join(r.replace("_", " ") for r in RATINGS) + " | avg |",
+                  "|---|---|" + "---|" * (len(RATINGS) + 1)]
+        for name, entry in versions.items():
+            row = entry["static"]
+            lines.append(f"| {name} | {int(row['pairs'])} | " + " | ".join(_fmt(row[r]) for r in RATINGS) +
+                         f" | {_fmt(row['avg'])} |")
+        fresh_versions = list(next(iter(versions.values()))["fresh"])
+        lines += ["", "### Accuracy on each version's fresh pairs (annotated on the latest policy's samples, "
+                  "held-out prompts)", "",
+                  "Does each RM stay on the policy's distribution? A version's RMs are trained on the pairs of "
+                  "their own version and earlier ones (on other prompts).", "",
+                  "| reward model | " + " | ".join(f"{v} pairs" for v in fresh_versions) + " |",
+                  "|---|" + "---|" * len(fresh_versions)]
+        for name, entry in versions.items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(entry["fresh"][v]) for v in fresh_versions) + " |")
+        annotate = [n for n in order if n.endswith("/annotate")]
+        lines += ["", "| version | train pairs | held-out pairs | ties skipped | ratings (train) |",
+                  "|---|---|---|---|---|"]
+        for name in annotate:
+            summary = records[name]["summary"]
+            lines.append(f"| {name.split('/')[0]} | {summary['train']['pairs']} | {summary['eval']['pairs']} | "
+                         f"{summary['train']['ties'] + summary['eval']['ties']} | "
+                         f"{', '.join(f'{k}: {v}' for k, v in sorted(summary['train']['ratings'].items()))} |")
+
+    # Rejection sampling
+    rs = [n for n in order if n.endswith("/rs")]
+    if rs:
+        lines += ["", "## Rejection sampling (paper 3.2.3)", "",
+                  "Each version samples K answers per prompt from the latest policy, keeps the one with the highest "
+                  "R_c by that version's reward models, adds it to the pool of every earlier version, and fine-tunes "
+                  "on the pool's best sample per prompt (scored by the latest reward models).", "",
+                  "| version | K | temperature | prompts | kept | pool | train (from earlier versions) | R_c of kept | "
+                  "R_c of all samples | oracle score: RM's pick | random pick | oracle's pick |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name in rs:
+            r = records[name]["summary"]
+            lines.append(f"| {name.split('/')[0]} | {r['num_samples']} | {_fmt(r['temperature'], 2)} | "
+                         f"{r['prompts']} | {r['kept']} | {r['pool']} | {r['train']} ({r['train_from_earlier_iterations']}) | "
+                         f"{_fmt(r['reward_kept_mean'])} | {_fmt(r['reward_sample_mean'])} | "
+                         f"{_fmt(r.get('oracle_of_pick'))} | {_fmt(r.get('oracle_mean'))} | "
+                         f"{_fmt(r.get('oracle_of_oracle_pick'))} |")
+
+    # PPO
+    if (out / "ppo" / "metrics.csv").is_file():
+        ppo = load_run(out / "ppo")
+        reward, oracle = ppo.series.get("ppo/reward_rc", []), ppo.series.get("ppo/oracle_helpfulness", [])
+        panels = [("RM reward (R_c) and oracle helpfulness", {
+            "RM reward R_c": ([s for s, _ in reward], [v for _, v in reward]),
+            "oracle helpfulness": ([s for s, _ in oracle], [v for _, v in oracle])}, "iteration")]
+        kl = ppo.series.get("ppo/kl", [])
+        if kl:
+            panels.append(("KL to the reference", {"KL": ([s for s, _ in kl], [v for _, v in kl])}, "iteration"))
+        _plot(plots / "ppo.png", panels)
+        lines += ["", "## PPO (paper 3.2.3)", "",
+                  "The reward the policy is optimised for (the reward models' R_c, before whitening) next to the "
+                  "oracle's helpfulness of the same training rollouts: if the first rises while the second falls, "
+                  "the policy is hacking the reward models.", "",
+                  "| | first iteration | last iteration |", "|---|---|---|",
+                  f"| RM reward R_c | {_fmt(reward[0][1] if reward else None)} | "
+                  f"{_fmt(reward[-1][1] if reward else None)} |",
+                  f"| oracle helpfulness | {_fmt(oracle[0][1] if oracle else None)} | "
+                  f"{_fmt(oracle[-1][1] if oracle else None)} |", "", "![PPO](ppo.png)"]
+
+    # Ghost Attention and context distillation
+    if "gatt/data" in records:
+        g = records["gatt/data"]["summary"]
+        by_turn = g["sample_adherence_by_turn"]
+        lines += ["", "## Ghost Attention (paper 3.3)", "",
+                  f"{g['dialogs']} dialogs sampled from the PPO model with the instruction on every user turn; "
+                  f"{g['kept'] - g.get('dropped_empty_answer', 0)} kept for training "
+                  f"({g.get('dropped_empty_answer', 0)} dropped for an empty answer). Constraint adherence of the "
+                  "sampled answers by turn:", "",
+                  "| turn | " + " | ".join(str(t) for t in by_turn) + " |", "|---|" + "---|" * len(by_turn),
+                  "| adherence | " + " | ".join(_fmt(v) for v in by_turn.values()) + " |"]
+    adherence = results.get("adherence_by_turn", {})
+    if adherence:
+        turns = sorted({t for table in adherence.values() for t in table.get("all", {})}, key=int)
+        lines += ["", "Constraint adherence turn by turn on held-out dialogs (Table 30's layout: the share of replies "
+                  "that follow every constraint of the system instruction, the instruction given in the first turn "
+                  "only), before Ghost Attention and after:", "",
+                  "| model | " + " | ".join(f"turn {t}" for t in turns) + " |", "|---|" + "---|" * len(turns)]
+        for label, table in adherence.items():
+            lines.append(f"| {label} | " + " | ".join(_fmt(table.get("all", {}).get(t)) for t in turns) + " |")
+    if "cd/data" in records:
+        c = records["cd/data"]["summary"]
+        with_pre, without = c["score_with"], c["score_without"]
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axis = plt.subplots(figsize=(4.6, 3.6))
+        kept = c["kept_mask"]
+        axis.scatter([w for w, k in zip(without, kept) if k], [w for w, k in zip(with_pre, kept) if k], s=10,
+                     label="kept")
+        axis.scatter([w for w, k in zip(without, kept) if not k], [w for w, k in zip(with_pre, kept) if not k],
+                     s=10, label="rejected")
+        axis.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
+        axis.set_xlabel("safety RM score without preprompt")
+        axis.set_ylabel("with preprompt")
+        axis.set_title("context distillation (Fig 16b)")
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(plots / "context_distillation.png", dpi=110)
+        plt.close(figure)
+        lines += ["", "## Safety context distillation (paper 4.2.4)", "",
+                  f"{c['prompts']} adversarial prompts answered with and without a safety preprompt; the safety RM "
+                  f"preferred the distilled answer for **{c['kept']}** of them (kept for training; mean score gain of "
+                  f"the kept {_fmt(c['mean_gain_kept'])}).", "", "![context distillation](context_distillation.png)"]
+
+    lines += ["", "## Sample answers", ""]
+    for suite in SUITES:
+        lines.append(f"**{suite}**")
+        lines += [f"- {name}: {results['samples'][name][suite][0]!r}" for name in models
+                  if results["samples"][name][suite]]
+        lines.append("")
+    return "\n".join(lines) + "\n"
 
 
-# ------------------------------------------------------------------------------------- all stages
-def run_pipeline(size: str = "micro", out: str | Path = "runs/demo", *, fresh: bool = False, eval_prompts: int = 100,
-                 max_new_tokens: int = 64, stage_args: dict[str, list[str]] | None = None) -> Path:
-    """Every stage in order, then the evaluation and the report (``OUT/report.md``, returned).
+def markdown_to_html(markdown: str, *, title: str) -> str:
+    """The report as one HTML page: the subset of markdown it uses (headings, paragraphs, lists,
+    tables, images, bold and code); the ``markdown`` package is not a dependency."""
+    import html
 
-    ``stage_args`` adds ``llama2-lit fit`` arguments per stage (``{"pretrain": ["--trainer.max_steps", "50"]}``);
-    ``fresh`` deletes ``out`` first and trains everything again.
-    """
-    stage_args = stage_args or {}
-    if unknown := sorted(set(stage_args) - set(STAGES)):
-        raise ValueError(f"stage_args for unknown stages {unknown}; the stages are {list(STAGES)}")
+    def inline(text: str) -> str:
+        text = html.escape(text, quote=False)
+        text = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", r'<img alt="\1" src="\2">', text)
+        text = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
+        text = re.sub(r"_([^_]+)_(?=\W|$)", r"<em>\1</em>", text)
+        return re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+
+    body: list[str] = []
+    lines = markdown.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
+        elif line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append([cell.strip() for cell in lines[i].strip().strip("|").split("|")])
+                i += 1
+            header, rest = rows[0], [r for r in rows[1:] if not all(set(c) <= {"-", ":"} for c in r)]
+            body.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in header) + "</tr>" +
+                        "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in rest) +
+                        "</table>")
+            continue
+        elif line.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{inline(lines[i][2:])}</li>")
+                i += 1
+            body.append("<ul>" + "".join(items) + "</ul>")
+            continue
+        elif line.strip():
+            body.append(f"<p>{inline(line)}</p>")
+        i += 1
+    style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em}table{border-collapse:collapse;"
+             "margin:1em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}img{max-width:100%}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+# ------------------------------------------------------------------------------------- entry point
+def run_pipeline(size: str = "micro", out: str | Path = "runs/demo", *, versions: int = 2, fresh: bool = False,
+                 force: Sequence[str] = (), budget: Budget | None = None, group: str | None = None,
+                 in_process: bool = False) -> Path:
+    """The recipe (``recipe``) under ``out``; returns ``OUT/report.md``. ``fresh`` deletes ``out`` first."""
     out = Path(out)
     if fresh and out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
-
-    start = time.time()
-    from llama2_lit.stages.toy_world import ensure_toy_assets
-
-    world, tokenizer_path = ensure_toy_assets()
-    seconds["world"] = time.time() - start
-    checkpoints = {}
-    for stage in STAGES:
-        checkpoints[stage], seconds[stage] = run_stage(stage, size, out, stage_args.get(stage, []))
-
-    start = time.time()
-    unigram = pretraining_baseline(size)
-    suites = evaluation_suites(world, eval_prompts)
-    evaluation = evaluate_models({"pretrained": checkpoints["pretrain"], "sft": checkpoints["sft"]}, suites,
-                                 tokenizer_path, max_new_tokens)
-    seconds["evaluate"] = time.time() - start
-    return write_report(out, size, evaluation, unigram, suites, seconds)
+    stages = recipe(size, versions, budget)
+    run_graph(stages, out, force=force, group=group or f"demo-{size}-{out.resolve().name}", in_process=in_process)
+    return out / "report.md"
 
 
 if __name__ == "__main__":  # ``python -m llama2_lit.pipeline ...`` = ``llama2-lit demo ...``

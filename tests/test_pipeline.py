@@ -1,50 +1,81 @@
-"""`make demo` end to end at the nano size: stages run from their configs, the report has numbers,
-and a second run reuses the finished stages instead of training again."""
+"""`make demo` end to end at the nano size: every stage of the graph runs from its config, the report
+has its tables with numbers, and a second run reuses every finished stage instead of training again."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import REPO_ROOT
 
 from llama2_lit.checkpoints import load_model
 from llama2_lit.cli.pipeline import demo_main
-from llama2_lit.evaluation import oracle_answers, suite_summary
-from llama2_lit.pipeline import evaluation_suites
+from llama2_lit.evaluation import SUITES, Decoding, evaluation_suites, oracle_answers, suite_summary
 from llama2_lit.stages.toy_world import TOKENIZER_PATH
 from llama2_lit.tokenizer import Tokenizer
 
+STAGES = ["world", "pretrain", "sft", "v1/annotate", "v1/rm_helpfulness", "v1/rm_safety", "v1/rs", "v1/rs_sft",
+          "v2/annotate", "v2/rm_helpfulness", "v2/rm_safety", "v2/rs", "v2/rs_sft", "ppo", "gatt/data", "gatt/sft",
+          "cd/data", "cd/sft", "evaluate", "report"]
+MODELS = ["pretrained", "sft", "rejection sampling V1", "rejection sampling V2", "ppo", "gatt", "context distillation"]
 
-def test_pipeline_runs_every_stage_reports_and_caches(tmp_path, monkeypatch, capsys):
+
+def test_nano_pipeline_runs_every_stage_reports_and_caches(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO_ROOT)  # configs and the toy world are addressed from the repository root
     out = tmp_path / "demo"
-    argv = ["--size", "nano", "--out", str(out), "--eval-prompts", "8", "--max-new-tokens", "24",
-            "--pretrain-args", "--trainer.max_steps 60 --trainer.val_check_interval 30",
-            "--sft-args", "--trainer.max_steps 20 --trainer.val_check_interval 20"]
+    argv = ["--size", "nano", "--out", str(out), "--in-process"]
     assert demo_main(argv) == 0
 
-    scores = json.loads((out / "scores.json").read_text())
-    assert scores["val_ppl"] < scores["unigram_ppl"] / 2  # pretraining learned more than word frequencies
-    assert set(scores["scores"]) == {"pretrained", "sft"}
-    for model in scores["scores"].values():
-        assert set(model) == {"tasks (held-out)", "tasks (seen)", "harmful (held-out)", "borderline (held-out)"}
-        assert all(suite["n"] == 8 for suite in model.values())
-    assert scores["scores"]["sft"] != scores["scores"]["pretrained"]  # two different models were judged
-
-    # The reported numbers are what the oracle gives the SFT checkpoint's greedy answers, recomputed here
-    # from the checkpoint and the suite's prompts outside the pipeline.
-    suite = evaluation_suites(REPO_ROOT / "data" / "world", 8)["harmful (held-out)"]
+    for stage in STAGES:
+        assert json.loads((out / stage / "DONE.json").read_text())["seconds"] > 0, stage
+    results = json.loads((out / "evaluate" / "results.json").read_text())
+    assert list(results["models"]) == MODELS
+    for name, model in results["models"].items():
+        assert model["perplexity"] > 1.0
+        for suite in SUITES:
+            assert 0.0 <= model[suite]["helpfulness"] <= 1.0 and model[suite]["n"] == 8, (name, suite)
+            assert 0.0 <= model[suite]["violation"] <= 1.0 and 0.0 <= model[suite]["refusal"] <= 1.0
+    # The reported numbers are what the oracle gives the SFT checkpoint's answers, recomputed here from
+    # the checkpoint and the suite's prompts outside the pipeline (same decoding, same seeds).
+    decoding = Decoding(**results["decoding"])
+    suite = evaluation_suites(REPO_ROOT / "data" / "world", 8, seed=decoding.seed)[SUITES[2]]
     answers = oracle_answers(load_model(out / "sft" / "checkpoints" / "last.ckpt").eval(),
-                             Tokenizer(REPO_ROOT / TOKENIZER_PATH), suite, max_new_tokens=24)
-    recomputed = suite_summary(answers)
-    assert recomputed == pytest.approx(scores["scores"]["sft"]["harmful (held-out)"], nan_ok=True)
-    assert f"| harmful (held-out) | 8 | sft | {recomputed['helpfulness']:.3f} |" in (out / "report.md").read_text()
+                             Tokenizer(REPO_ROOT / TOKENIZER_PATH), suite, max_new_tokens=decoding.max_new_tokens, temperature=decoding.temperature,
+                             top_p=decoding.top_p, seed=decoding.seed)
+    assert suite_summary(answers) == pytest.approx(results["models"]["sft"][SUITES[2]], nan_ok=True)
+
+    report_summary = json.loads((out / "report" / "DONE.json").read_text())["summary"]
+    assert report_summary["val_ppl"] < report_summary["unigram_ppl"] / 2  # pretraining learned more than frequencies
+    assert set(results["win_rates"]) == set(MODELS) - {"sft"}
+    for entry in results["win_rates"].values():
+        assert entry["baseline"] == "sft"
+        for judge in ("oracle", "reward_model"):
+            w = entry[judge]
+            assert w["n"] == 4 * 8 and abs(w["win"] + w["tie"] + w["loss"] - 1) < 1e-9
+    versions = results["reward_model_versions"]
+    assert set(versions) == {"v1/rm_helpfulness", "v1/rm_safety", "v2/rm_helpfulness", "v2/rm_safety"}
+    assert all(set(entry["fresh"]) == {"v1", "v2"} for entry in versions.values())
+
     report = (out / "report.md").read_text()
-    assert "## Pretraining" in report and "## Supervised fine-tuning" in report
-    assert (out / "curves_pretrain.png").stat().st_size > 0 and (out / "curves_sft.png").stat().st_size > 0
+    for heading in ("## Pretraining", "## Helpfulness, violations and false refusals after every stage",
+                    "### Win rate against SFT", "### Accuracy by rating on the static held-out pairs",
+                    "### Accuracy on each version's fresh pairs", "## Rejection sampling", "## PPO", "## Ghost Attention",
+                    "## Safety context distillation"):
+        assert heading in report, heading
+    number = r"\d\.\d{3}"
+    # Table 8's row (pairs, four ratings, average) and the fresh-pairs row (v1, v2): numbers, not blanks.
+    assert re.search(rf"^\| v2/rm_helpfulness \| 200 \| ({number} \| ){{4}}{number} \|$", report, re.M)
+    assert re.search(rf"^\| v2/rm_safety \| {number} \| {number} \|$", report, re.M)
+    for plot in ("curves_pretrain.png", "curves_sft.png", "stages.png", "ppo.png", "context_distillation.png"):
+        assert (out / plot).stat().st_size > 0, plot
+    assert "<table>" in (out / "report.html").read_text()
 
     capsys.readouterr()
     assert demo_main(argv) == 0  # everything cached: no training this time
     printed = capsys.readouterr().out
-    assert "[pretrain] cached" in printed and "[sft] cached" in printed
+    assert f"{len(STAGES)} cached, 0 to run" in printed and " ran " not in printed
+
+    assert demo_main([*argv, "--plan", "--force", "rm"]) == 0
+    planned = dict(line.split()[:2] for line in capsys.readouterr().out.splitlines())
+    assert [stage for stage in STAGES if planned[stage] == "run"] == STAGES[STAGES.index("v1/rm_helpfulness"):]

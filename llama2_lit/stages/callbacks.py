@@ -1,11 +1,13 @@
 """Callbacks of the stages: checkpointing that always keeps the final step and never leaves a
-half-written checkpoint, fault injection (a non-finite step, an interrupted save), and the oracle's
-helpfulness of greedy answers (SFT and later stages)."""
+half-written checkpoint, fault injection (a non-finite step, an interrupted save), the oracle's
+helpfulness of greedy answers (SFT and later stages), and a one-line-per-N-steps progress report."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Any, Literal
 from weakref import proxy
@@ -318,3 +320,41 @@ class OracleHelpfulness(Callback):
                                      max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
         for name, value in helpfulness_summary(results).items():
             pl_module.log(f"val/{name}", value)
+
+
+# ------------------------------------------------------------------------------------ progress
+class ProgressLine(Callback):
+    """One line every ``every_n_steps`` optimizer steps: step / total, loss, tokens/s, elapsed — Lightning's
+    progress bar for logs that are not a terminal (``llama2-lit demo`` under CI, a log file).
+
+    Reads the values the stage logged (``train/loss``, ``perf/tokens_per_s``), so it shows what
+    W&B and ``metrics.csv`` get.
+    """
+
+    def __init__(self, every_n_steps: int = 10, prefix: str | None = None) -> None:
+        self.every_n_steps = every_n_steps
+        self.prefix = prefix
+        self._start = time.time()
+        self._last_step = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.time()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._last_step or not trainer.is_global_zero:
+            return
+        if step % self.every_n_steps and step != trainer.max_steps:
+            return
+        self._last_step = step
+        metrics = trainer.callback_metrics
+        parts = [f"[{self.prefix or getattr(pl_module, 'stage', 'fit')}] step {step}" +
+                 (f"/{trainer.max_steps}" if trainer.max_steps and trainer.max_steps > 0 else "")]
+        for name, label, digits in (("train/loss", "loss", 4), ("ppo/reward", "reward", 3),
+                                    ("perf/tokens_per_s", "tokens/s", 0)):
+            if name in metrics:
+                parts.append(f"{label} {float(metrics[name]):,.{digits}f}")
+        elapsed = time.time() - self._start
+        parts.append(f"{int(elapsed // 60)}:{elapsed % 60:04.1f}")
+        print("  ".join(parts), file=sys.stdout, flush=True)

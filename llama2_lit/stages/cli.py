@@ -15,8 +15,9 @@ Every run gets a stable directory, ``runs/<stage>-<size>/`` unless ``run.dir`` s
                         complete one (a save is renamed into place and linked only once whole)
       wandb/            the W&B run (offline unless WANDB_MODE says otherwise)
 
-W&B runs are named ``<stage>-<size>-<timestamp>``, grouped by size and typed by stage (job_type),
-so the stages of one size sit together and the same stage compares across sizes.
+W&B runs are named ``<stage>-<size>-<timestamp>``, grouped by size (or ``--run.group``: the demo
+groups the runs of one pipeline) and typed by stage (job_type), so the stages of one size sit
+together and the same stage compares across sizes.
 
 Resuming: ``llama2-lit fit --config ... --ckpt_path last`` restores the model, optimizer,
 scheduler, loops, data-loader position and RNG states from ``checkpoints/last.ckpt``, logs to the
@@ -69,6 +70,8 @@ class RunOptions:
     """Run name (default: <stage>-<size>-<YYYYmmdd-HHMMSS>)."""
     project: str = "llama2_lit"
     """W&B project."""
+    group: str | None = None
+    """W&B group (default: the size); ``llama2-lit demo`` puts every run of one pipeline in one group."""
     wandb: bool = True
     """Also log to W&B (offline unless the environment sets WANDB_MODE)."""
     overwrite: bool = False
@@ -216,7 +219,7 @@ class StageCLI(LightningCLI):
         if verb == "fit" and is_zero and not (resume_step is not None and info_path.is_file()):
             # Written once the model, data and trainer are built: a bad config value leaves no run behind.
             self._run_info = (info_path, {"name": name, "stage": stage, "size": size, "wandb_id": run_id,
-                                          "project": options.project, "group": size, "job_type": stage,
+                                          "project": options.project, "group": options.group or size, "job_type": stage,
                                           "created": timestamp})
         if verb != "fit":
             self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"{verb}-config.yaml"}
@@ -264,7 +267,7 @@ class StageCLI(LightningCLI):
 
             job_type = plan.stage if plan.verb == "fit" else f"{plan.stage}-{plan.verb}"
             loggers.append(WandbLogger(
-                name=plan.name, project=plan.options.project, group=plan.size, job_type=job_type,
+                name=plan.name, project=plan.options.project, group=plan.options.group or plan.size, job_type=job_type,
                 tags=[plan.stage, plan.size], id=plan.run_id, save_dir=str(plan.run_dir), resume="allow",
             ))
         return loggers
