@@ -43,11 +43,12 @@ demo: $(STAMP)
 notebooks: $(STAMP)
 	LLAMA2_LIT_NOTEBOOK_SCALE=full $(BIN)/python -m pytest --nbmake --nbmake-timeout=1800 --overwrite notebooks
 
-## Speed against Hugging Face transformers (and TRL's RewardTrainer) on the same configs (ratios, not timed tests).
+## Speed against Hugging Face transformers (and TRL's RewardTrainer and PPOTrainer) on the same configs (ratios, not timed tests).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/generation.py
 	$(BIN)/python benchmarks/reward_model.py
+	$(BIN)/python benchmarks/ppo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs wandb lightning_logs
