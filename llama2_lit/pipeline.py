@@ -620,6 +620,10 @@ def context_distillation_stage(stage_dir: Path, *, policy: str, safety_rm: str, 
     adversarial = [r for r in load_records(prompts, "prompts") if r.get("is_safety")][:num_prompts]
     records, summary = distill_safety_context(model, load_reward_model(safety_rm), tokenizer, adversarial,
                                               max_new_tokens=max_new_tokens)
+    # An empty distilled answer is no chat record (the safety RM may still score it above the other).
+    kept = [r for r in records if r["messages"][-1]["content"].strip()]
+    summary["dropped_empty_answer"] = len(records) - len(kept)
+    records = kept
     if not records:
         raise PipelineError(f"the safety RM kept no distilled answer of {len(adversarial)} prompts")
     write_records(records, stage_dir / "train.jsonl", "chat")
@@ -915,8 +919,10 @@ def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path, 
         plt.close(figure)
         lines += ["", "## Safety context distillation (paper 4.2.4)", "",
                   f"{c['prompts']} adversarial prompts answered with and without a safety preprompt; the safety RM "
-                  f"preferred the distilled answer for **{c['kept']}** of them (kept for training; mean score gain of "
-                  f"the kept {_fmt(c['mean_gain_kept'])}).", "", "![context distillation](context_distillation.png)"]
+                  f"preferred the distilled answer for **{c['kept']}** of them (mean score gain "
+                  f"{_fmt(c['mean_gain_kept'])}); {c['kept'] - c.get('dropped_empty_answer', 0)} kept for training "
+                  f"({c.get('dropped_empty_answer', 0)} empty answers dropped).", "",
+                  "![context distillation](context_distillation.png)"]
 
     lines += ["", "## Sample answers", ""]
     for suite in SUITES:
