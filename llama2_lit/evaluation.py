@@ -438,13 +438,28 @@ def evaluate_checkpoints(checkpoints: dict[str, str | Path], *, world: str | Pat
     return results
 
 
+def fmt(value: Any, digits: int = 3) -> str:
+    """A number for a markdown table: ``-`` when missing or NaN."""
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def win_rate_rows(win_rates: dict[str, Any], *, with_baseline: bool = True) -> list[str]:
+    """Markdown rows of win / tie / loss per model and judge (oracle, reward model)."""
+    lines = []
+    for name, entry in win_rates.items():
+        for judge_name in ("oracle", "reward_model"):
+            if judge_name in entry:
+                w = entry[judge_name]
+                against = f" {entry['baseline']} |" if with_baseline else ""
+                lines.append(f"| {name} |{against} {judge_name.replace('_', ' ')} | {fmt(w['win'])} | {fmt(w['tie'])} | "
+                             f"{fmt(w['loss'])} |")
+    return lines
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     """The suite's results as markdown tables (oracle scores per model and suite; win rates;
     reward-model accuracy by rating)."""
     from llama2_lit.data.records import RATINGS
-
-    def fmt(value: Any, digits: int = 3) -> str:
-        return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
     d = results["decoding"]
     lines = [f"Decoding: temperature {d['temperature']:g}, top-p {d['top_p']:g}, at most {d['max_new_tokens']} "
@@ -458,12 +473,7 @@ def results_markdown(results: dict[str, Any]) -> str:
                      f"{fmt(harmful['violation'])} | {fmt(border['refusal'])} |")
     if results["win_rates"]:
         lines += ["", "| model | against | judge | win | tie | loss |", "|---|---|---|---|---|---|"]
-        for name, entry in results["win_rates"].items():
-            for judge_name in ("oracle", "reward_model"):
-                if judge_name in entry:
-                    w = entry[judge_name]
-                    lines.append(f"| {name} | {entry['baseline']} | {judge_name.replace('_', ' ')} | {fmt(w['win'])} | "
-                                 f"{fmt(w['tie'])} | {fmt(w['loss'])} |")
+        lines += win_rate_rows(results["win_rates"])
     if results["reward_models"]:
         lines += ["", "| reward model | test set | pairs | " + " | ".join(RATINGS) + " | avg |",
                   "|---|---|---|" + "---|" * (len(RATINGS) + 1)]

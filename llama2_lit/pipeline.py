@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import shutil
 import subprocess
@@ -694,10 +693,6 @@ def report_stage(stage_dir: Path, *, size: str, results: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------- the report
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.{digits}f}"
 
 
 def _done(out: Path, name: str) -> dict[str, Any]:
@@ -741,7 +736,7 @@ def _plot(path: Path, panels: list[tuple[str, dict[str, tuple[list[Any], list[fl
 def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path, unigram: float) -> str:
     """The report: what each stage achieved, in the layout of the paper's tables and figures."""
     from llama2_lit.data.records import RATINGS
-    from llama2_lit.evaluation import SUITES
+    from llama2_lit.evaluation import SUITES, fmt, win_rate_rows
     from llama2_lit.runs import plot_runs
 
     stage_names = [p.parent.relative_to(out).as_posix() for p in sorted(out.glob(f"**/{DONE_FILE}"))]
@@ -763,10 +758,10 @@ def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path, 
     plot_runs([sft], ["train/loss", "val/loss", "val/helpfulness"], plots / "curves_sft.png")
     ppl = pretrain.last("val/ppl")
     lines += ["", "## Pretraining (paper 2.2)", "",
-              f"- validation perplexity **{_fmt(ppl, 2)}**, against **{unigram:.1f}** for a unigram model fitted to "
+              f"- validation perplexity **{fmt(ppl, 2)}**, against **{unigram:.1f}** for a unigram model fitted to "
               f"the training tokens" if ppl else "- no validation perplexity logged",
               f"- {pretrain.last('train/tokens') or 0:,.0f} training tokens at "
-              f"{_fmt(pretrain.last('perf/tokens_per_s'), 0)} tokens/s", "", "![pretraining](curves_pretrain.png)",
+              f"{fmt(pretrain.last('perf/tokens_per_s'), 0)} tokens/s", "", "![pretraining](curves_pretrain.png)",
               "", "![SFT](curves_sft.png)"]
 
     # After every stage
@@ -782,10 +777,10 @@ def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path, 
               "|---|---|---|---|---|---|---|---|"]
     for name, m in models.items():
         held, seen, harmful, border = (m[s] for s in SUITES)
-        lines.append(f"| {name} | {_fmt(m['perplexity'], 2)} | {_fmt(held['helpfulness'])} ± "
-                     f"{_fmt(held['helpfulness_se'])} | {_fmt(held.get('accuracy'))} | {_fmt(seen['helpfulness'])} ± "
-                     f"{_fmt(seen['helpfulness_se'])} | {_fmt(harmful['helpfulness'])} | {_fmt(harmful['violation'])} "
-                     f"| {_fmt(border['refusal'])} |")
+        lines.append(f"| {name} | {fmt(m['perplexity'], 2)} | {fmt(held['helpfulness'])} ± "
+                     f"{fmt(held['helpfulness_se'])} | {fmt(held.get('accuracy'))} | {fmt(seen['helpfulness'])} ± "
+                     f"{fmt(seen['helpfulness_se'])} | {fmt(harmful['helpfulness'])} | {fmt(harmful['violation'])} "
+                     f"| {fmt(border['refusal'])} |")
     order_models = list(models)
     xs = order_models  # categorical axis: one point per stage's model
     _plot(plots / "stages.png", [("oracle scores after each stage", {
@@ -800,12 +795,7 @@ def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path, 
                   "safety-aware reward R_c (section 3.2.3); ties are equal scores (oracle) or a gap under 0.02 on "
                   "the sigmoid scale (reward models).", "",
                   "| model | judge | win | tie | loss |", "|---|---|---|---|---|"]
-        for name, entry in results["win_rates"].items():
-            for judge_name in ("oracle", "reward_model"):
-                if judge_name in entry:
-                    w = entry[judge_name]
-                    lines.append(f"| {name} | {judge_name.replace('_', ' ')} | {_fmt(w['win'])} | {_fmt(w['tie'])} | "
-                                 f"{_fmt(w['loss'])} |")
+        lines += win_rate_rows(results["win_rates"], with_baseline=False)
 
     # Reward models
     versions = results.get("reward_model_versions", {})
@@ -816,8 +806,8 @@ def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path, 
                   "|---|---|" + "---|" * (len(RATINGS) + 1)]
         for name, entry in versions.items():
             row = entry["static"]
-            lines.append(f"| {name} | {int(row['pairs'])} | " + " | ".join(_fmt(row[r]) for r in RATINGS) +
-                         f" | {_fmt(row['avg'])} |")
+            lines.append(f"| {name} | {int(row['pairs'])} | " + " | ".join(fmt(row[r]) for r in RATINGS) +
+                         f" | {fmt(row['avg'])} |")
         fresh_versions = list(next(iter(versions.values()))["fresh"])
         lines += ["", "### Accuracy on each version's fresh pairs (annotated on the latest policy's samples, "
                   "held-out prompts)", "",
@@ -826,7 +816,7 @@ def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path, 
                   "| reward model | " + " | ".join(f"{v} pairs" for v in fresh_versions) + " |",
                   "|---|" + "---|" * len(fresh_versions)]
         for name, entry in versions.items():
-            lines.append(f"| {name} | " + " | ".join(_fmt(entry["fresh"][v]) for v in fresh_versions) + " |")
+            lines.append(f"| {name} | " + " | ".join(fmt(entry["fresh"][v]) for v in fresh_versions) + " |")
         annotate = [n for n in order if n.endswith("/annotate")]
         lines += ["", "| version | train pairs | held-out pairs | ties skipped | ratings (train) |",
                   "|---|---|---|---|---|"]
@@ -848,11 +838,11 @@ def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path, 
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name in rs:
             r = records[name]["summary"]
-            lines.append(f"| {name.split('/')[0]} | {r['num_samples']} | {_fmt(r['temperature'], 2)} | "
+            lines.append(f"| {name.split('/')[0]} | {r['num_samples']} | {fmt(r['temperature'], 2)} | "
                          f"{r['prompts']} | {r['kept']} | {r['pool']} | {r['train']} ({r['train_from_earlier_iterations']}) | "
-                         f"{_fmt(r['reward_kept_mean'])} | {_fmt(r['reward_sample_mean'])} | "
-                         f"{_fmt(r.get('oracle_of_pick'))} | {_fmt(r.get('oracle_mean'))} | "
-                         f"{_fmt(r.get('oracle_of_oracle_pick'))} |")
+                         f"{fmt(r['reward_kept_mean'])} | {fmt(r['reward_sample_mean'])} | "
+                         f"{fmt(r.get('oracle_of_pick'))} | {fmt(r.get('oracle_mean'))} | "
+                         f"{fmt(r.get('oracle_of_oracle_pick'))} |")
 
     # PPO
     if (out / "ppo" / "metrics.csv").is_file():
@@ -870,10 +860,10 @@ def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path, 
                   "oracle's helpfulness of the same training rollouts: if the first rises while the second falls, "
                   "the policy is hacking the reward models.", "",
                   "| | first iteration | last iteration |", "|---|---|---|",
-                  f"| RM reward R_c | {_fmt(reward[0][1] if reward else None)} | "
-                  f"{_fmt(reward[-1][1] if reward else None)} |",
-                  f"| oracle helpfulness | {_fmt(oracle[0][1] if oracle else None)} | "
-                  f"{_fmt(oracle[-1][1] if oracle else None)} |", "", "![PPO](ppo.png)"]
+                  f"| RM reward R_c | {fmt(reward[0][1] if reward else None)} | "
+                  f"{fmt(reward[-1][1] if reward else None)} |",
+                  f"| oracle helpfulness | {fmt(oracle[0][1] if oracle else None)} | "
+                  f"{fmt(oracle[-1][1] if oracle else None)} |", "", "![PPO](ppo.png)"]
 
     # Ghost Attention and context distillation
     if "gatt/data" in records:
@@ -885,7 +875,7 @@ def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path, 
                   f"({g.get('dropped_empty_answer', 0)} dropped for an empty answer). Constraint adherence of the "
                   "sampled answers by turn:", "",
                   "| turn | " + " | ".join(str(t) for t in by_turn) + " |", "|---|" + "---|" * len(by_turn),
-                  "| adherence | " + " | ".join(_fmt(v) for v in by_turn.values()) + " |"]
+                  "| adherence | " + " | ".join(fmt(v) for v in by_turn.values()) + " |"]
     adherence = results.get("adherence_by_turn", {})
     if adherence:
         turns = sorted({t for table in adherence.values() for t in table.get("all", {})}, key=int)
@@ -894,7 +884,7 @@ def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path, 
                   "only), before Ghost Attention and after:", "",
                   "| model | " + " | ".join(f"turn {t}" for t in turns) + " |", "|---|" + "---|" * len(turns)]
         for label, table in adherence.items():
-            lines.append(f"| {label} | " + " | ".join(_fmt(table.get("all", {}).get(t)) for t in turns) + " |")
+            lines.append(f"| {label} | " + " | ".join(fmt(table.get("all", {}).get(t)) for t in turns) + " |")
     if "cd/data" in records:
         c = records["cd/data"]["summary"]
         with_pre, without = c["score_with"], c["score_without"]
@@ -920,7 +910,7 @@ def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path, 
         lines += ["", "## Safety context distillation (paper 4.2.4)", "",
                   f"{c['prompts']} adversarial prompts answered with and without a safety preprompt; the safety RM "
                   f"preferred the distilled answer for **{c['kept']}** of them (mean score gain "
-                  f"{_fmt(c['mean_gain_kept'])}); {c['kept'] - c.get('dropped_empty_answer', 0)} kept for training "
+                  f"{fmt(c['mean_gain_kept'])}); {c['kept'] - c.get('dropped_empty_answer', 0)} kept for training "
                   f"({c.get('dropped_empty_answer', 0)} empty answers dropped).", "",
                   "![context distillation](context_distillation.png)"]
 
