@@ -82,7 +82,8 @@ def test_ppo_iterations_have_the_invariants_of_a_correct_implementation(ppo_run)
     assert m["ppo/kl"][0] == pytest.approx(0.0, abs=1e-6)
     # Later the policy has moved; the mean per-token log-ratio of its own samples is >= 0 up to noise.
     assert all(m["ppo/kl_per_token"][step] > -0.02 for step in iterations)
-    assert m["ppo/kl"][2] > 0
+    # Within an iteration the policy moves: the last mini-batch's ratio is no longer 1 (approx_kl > 0).
+    assert all(m["ppo/approx_kl"][step] > 0 for step in iterations)
     # The sampler (KV-cached, one token at a time) and the full forward agree up to bf16 rounding
     # (the config trains in bf16-mixed here; in fp32 they agree to 1e-5, tests/test_generation.py).
     # PPO uses the recomputed ones; the first-ratio check above is what must be exact.

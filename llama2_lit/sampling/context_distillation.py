@@ -87,7 +87,7 @@ def distill_safety_context(model: Transformer, safety_rm: Transformer, tokenizer
     prompts, and a summary: counts, and the safety RM's scores of both answers for every prompt
     (``score_without``, ``score_with``, ``kept``: the data of Fig 16b).
     """
-    from llama2_lit.generation import generate
+    from llama2_lit.generation import generate, sample_seed
     from llama2_lit.reward_metrics import score_responses
 
     rng = random.Random(seed)
@@ -101,7 +101,7 @@ def distill_safety_context(model: Transformer, safety_rm: Transformer, tokenizer
             rows = range(start, min(start + batch_size, len(dialogs)))
             out = generate(model, [encode_prompt(tokenizer, dialogs[i], max_len=room) for i in rows],
                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                           eos_id=tokenizer.eos_id, generator=[seed * 100_003 + i for i in rows])
+                           eos_id=tokenizer.eos_id, generator=[sample_seed(seed, 0, i, 0) for i in rows])
             texts += [tokenizer.decode(ids).strip() for ids in out.response_tokens()]
         return texts
 

@@ -36,6 +36,7 @@ from typing import Any
 
 from llama2_lit.chat import Message, encode_prompt
 from llama2_lit.data.constraints import failed_constraints
+from llama2_lit.generation import generate, sample_seed
 from llama2_lit.model import Transformer
 from llama2_lit.tokenizer import Tokenizer
 
@@ -103,7 +104,7 @@ def gatt_dialogs(records: Sequence[dict[str, Any]], *, short_probability: float 
 
 def turn_seed(seed: int, dialog: int, turn: int) -> int:
     """The sampling seed of one answer: fixed by (seed, dialog, turn), not by its batch neighbours."""
-    return (seed * 1_000_003 + dialog * 1_009 + turn) % (2**63)
+    return sample_seed(seed, turn, dialog, 0)
 
 
 def synthesize_gatt_data(model: Transformer, tokenizer: Tokenizer, records: Sequence[dict[str, Any]], *,
@@ -117,8 +118,6 @@ def synthesize_gatt_data(model: Transformer, tokenizer: Tokenizer, records: Sequ
     and ``meta["gatt"]`` (the instruction, its form, and whether each sampled answer met the
     constraints). The summary counts dialogs, kept dialogs and per-turn adherence of the samples.
     """
-    from llama2_lit.generation import generate
-
     dialogs = gatt_dialogs(records, short_probability=short_probability, seed=seed)
     room = model.config.max_seq_len - max_new_tokens
     adherent: list[list[bool]] = [[] for _ in dialogs]

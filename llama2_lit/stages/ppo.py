@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from llama2_lit.generation import sequence_logprobs
+from llama2_lit.generation import sample_seed, sequence_logprobs
 from llama2_lit.rlhf import (
     Trajectory,
     gae_advantages,
@@ -73,9 +73,9 @@ PROMPT_BATCH = BatchContract(required=("input_ids", "attention_mask", "is_safety
 
 def rollout_seed(seed: int, iteration: int, prompt: int) -> int:
     """The sampling seed of one rollout response: a function of (seed, iteration, prompt's position in
-    the global batch) only, so a resumed run and a run on another number of processes draw the
-    same responses."""
-    return (seed * 1_000_003 + iteration * 100_003 + prompt) % (2**63)
+    the global batch) only (``generation.sample_seed``), so a resumed run and a run on another
+    number of processes draw the same responses."""
+    return sample_seed(seed, iteration, prompt, 0)
 
 
 class PPOModule(StageModule):
