@@ -394,8 +394,7 @@ BUDGETS: dict[str, Budget] = {
     # The demo: 20 minutes on 2 cores for everything. Not measured end to end yet; the estimates
     # (quiet cores) are pretrain ~3.5 min, SFT ~2.5, the four reward models ~1 each, PPO ~1.5,
     # annotation, GAtt/CD data and fine-tuning ~3 together, the evaluation ~1.5.
-    "micro": Budget(pretrain=_steps(300, 150), sft=(("--trainer.max_epochs", 1), ("--trainer.max_steps", 200),
-                                                    ("--trainer.val_check_interval", 100)),
+    "micro": Budget(pretrain=(), sft=(),  # the configs' own runs: 600 pretraining steps, 2 SFT epochs
                     # One validation at the end, over every held-out pair (the static ones and this
                     # version's fresh ones come one after the other: a batch limit would cut the fresh ones).
                     reward=_steps(60, 60) + (("--trainer.limit_val_batches", 1.0),),
