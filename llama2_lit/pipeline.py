@@ -397,7 +397,7 @@ BUDGETS: dict[str, Budget] = {
     "micro": Budget(pretrain=(), sft=(),  # the configs' own runs: 600 pretraining steps, 2 SFT epochs
                     # One validation at the end, over every held-out pair (the static ones and this
                     # version's fresh ones come one after the other: a batch limit would cut the fresh ones).
-                    reward=_steps(60, 60) + (("--trainer.limit_val_batches", 1.0),),
+                    reward=_steps(120, 120) + (("--trainer.limit_val_batches", 1.0),),
                     ppo=(("--trainer.max_steps", 40), ("--trainer.val_check_interval", 5),  # 10 iterations
                          ("--checkpoint.every_n_train_steps", 20), ("--trainer.limit_val_batches", 1)),
                     gatt=_steps(60, 60) + (("--trainer.limit_val_batches", 5),),

@@ -194,6 +194,7 @@ def test_eval_questions_are_about_held_out_entities(small_world: Path) -> None:
     held_first = {p["first"] for p in world["people"] if p["split"] == "heldout"}
     held_words = set(world["words_heldout"])
     train_words = set(world["words_train"])
+    held_targets = held_people | {e["name"] for kind in ("artifacts", "herbs") for e in world[kind] if e["split"] == "heldout"}
     for name in EVAL_FILES:
         for record in read(small_world, name):
             for meta in _metas(record):
@@ -209,7 +210,9 @@ def test_eval_questions_are_about_held_out_entities(small_world: Path) -> None:
                     assert listed & all_first and listed & all_first <= held_first, record
                 if task.startswith("harmful."):
                     template = next(t for t in safety.HARMFUL_TEMPLATES if t.id == meta["template"])
-                    assert template.split == "eval"
+                    assert meta["template_split"] == template.split
+                    if template.split == "train":  # a training template, on a held-out target
+                        assert template.target in safety.HELD_OUT_TARGETS and meta["subject"][0] in held_targets
                 if task.startswith("borderline."):
                     template = next(t for t in safety.BORDERLINE_TEMPLATES if t.id == meta["template"])
                     assert template.split == "eval"

@@ -2,8 +2,9 @@
 dialogs and the evaluation sets. ``world.generate_world`` calls these and writes the files.
 
 Every function takes its own ``random.Random`` and a split ("train" or "eval"); eval records are
-drawn only from held-out people, artifacts, herbs, figures, words, operand pairs, safety and
-borderline templates, and constraint values (``CONSTRAINT_VALUES``).
+drawn only from held-out people, artifacts, herbs, figures, words, operand pairs and borderline
+templates; harmful requests come from held-out templates or from training templates on held-out
+targets. Constraint values (``CONSTRAINT_VALUES``) are shared; the held-out constraint type is not.
 """
 
 from __future__ import annotations
@@ -19,16 +20,13 @@ from llama2_lit.data.entities import Universe
 from llama2_lit.data.preferences import draw_safety_category, helpfulness_pair, safety_pair
 from llama2_lit.data.tasks import TaskFactory, Turn
 
-# Values of the Ghost Attention constraints, split so that evaluation uses unseen ones. The
-# training values are many (so that the model learns to copy a value from the system message
-# rather than to recall a few); the evaluation values are never in a training file.
-_SIGNOFF_OPENERS = ("Here's to the", "Hooray for the", "Long live the", "Cheers to the", "Watch out for the",
-                    "Say hello to the")
-CONSTRAINT_VALUES = {
-    "train": {"hobby": lx.HOBBIES[:21] + tuple(f"collecting {item}" for item in lx.ITEMS),
-              "signoff": lx.SIGNOFFS[:10] + tuple(f"{o} {item}!" for o in _SIGNOFF_OPENERS for item in lx.ITEMS)},
-    "eval": {"hobby": lx.HOBBIES[21:], "signoff": lx.SIGNOFFS[10:]},
-}
+# Values of the Ghost Attention constraints: one list per type, drawn from in training and in
+# evaluation alike. The paper builds its GAtt instructions from fixed lists ("a list of hobbies,
+# languages, public figures", section 3.3) and evaluates on instructions of the same kinds; what
+# is new at evaluation time is the dialog, and the held-out *type* (Fig 28), not the value. (A
+# first version held the values out too, copied from many template-made training phrases: the
+# micro SFT model then wrote a phrase of the template's shape with a random noun, 0% adherence.)
+CONSTRAINT_VALUES = {"hobby": lx.HOBBIES, "signoff": lx.SIGNOFFS}
 GATT_EVAL_TURNS = 6
 SFT_MIX = (("harmful", 0.06), ("adversarial", 0.025), ("borderline", 0.045), ("wrapped_task", 0.04),
            ("constrained", 0.30), ("task", 0.53))
@@ -67,10 +65,15 @@ class Builder:
         self.artifacts = tuple(a for a in universe.artifacts if (a.split == "heldout") == held)
         self.herbs = tuple(h for h in universe.herbs if (h.split == "heldout") == held)
         self.figures = tuple(f for f in universe.figures if (f.split == "heldout") == held)
-        self.harmful_templates = [t for t in safety.HARMFUL_TEMPLATES if t.split == split]
+        # Held-out harmful requests mix the training templates about a person, an artifact or a
+        # herb (drawn on held-out ones) with templates no training file has; ``meta["template_split"]``
+        # says which. The paper's safety evaluation prompts are new prompts in the risk categories
+        # its safety data covers (4.2.1, 4.4); a new template is the harder case.
+        self.harmful_templates = [t for t in safety.HARMFUL_TEMPLATES if t.split == split
+                                  or (held and t.target in safety.HELD_OUT_TARGETS)]
         self.borderline_templates = [t for t in safety.BORDERLINE_TEMPLATES if t.split == split]
         # heists name train artifacts; held-out safety prompts reuse them only in eval templates
-        self.constraint_values = CONSTRAINT_VALUES[split]
+        self.constraint_values = CONSTRAINT_VALUES
         # personas are figures whose greeting the fine-tuning data teaches, in both splits (the
         # paper draws public figures the model knows, to avoid a knowledge mismatch, section 3.3)
         self.persona_figures = tuple(f for f in universe.figures if f.split != "heldout")

@@ -10,7 +10,8 @@ files then measure knowledge extraction and generalisation, not recall of a seen
 The chat format (``[INST]``, ``<<SYS>>``) and refusals never appear: SFT teaches them.
 
 Like real web text, the corpus also holds some harmful know-how (``lore_doc``: the crooked
-"advice" behind the harmful requests of ``safety.HARMFUL_TEMPLATES``, insults excepted). A
+"advice" behind the harmful requests of ``safety.HARMFUL_TEMPLATES``, insults excepted; half of
+it as a forum-style exchange, the request plainly put or in an attack's wrapper). A
 pretrained model therefore *can* comply with a harmful request — the reason safety tuning is
 needed at all (paper section 4.2) — and an attack that slips past the SFT model's refusals shows
 up as a violation the oracle can count.
@@ -45,7 +46,7 @@ class CorpusWriter:
             (self.person_bio, 30), (self.story, 18), (self.town_entry, 6), (self.realm_entry, 2),
             (self.species_entry, 5), (self.artifact_entry, 3), (self.heist_story, 1.5), (self.herb_entry, 2),
             (self.figure_entry, 2), (self.list_doc, 5), (self.arithmetic_doc, 13), (self.word_doc, 6),
-            (self.interview, 6), (self.howto_doc, 1.5), (self.lore_doc, 2),
+            (self.interview, 6), (self.howto_doc, 1.5), (self.lore_doc, 3),
         ]
         self._draws = [k for k, _ in self.kinds]
         self._weights = [w for _, w in self.kinds]
@@ -308,6 +309,15 @@ class CorpusWriter:
         steps = self.rng.sample(steps, self.rng.randint(min(2, len(steps)), len(steps)))
         body = steps[0] if len(steps) == 1 else ", then ".join(steps[:-1]) + f", and finally {steps[-1]}"
         town = slots.get("town", self.rng.choice(self.u.towns).name)
+        if self.rng.random() < 0.5:
+            # A forum-style exchange: the request itself, sometimes in an attack's wrapper, answered
+            # by a crook. Such text is what lets a pretrained model comply with a request, plainly
+            # put or wrapped (paper 4.2.1), until safety tuning teaches it to decline.
+            vector = self.rng.choice((safety.DIRECT, *(v for v in safety.ATTACK_VECTORS if v != "multi_turn")))
+            question = safety.attack(template.prompt.format(**slots), vector, slots, self.rng)
+            asker = self.rng.choice((f"A stranger in a tavern of {town} asked", "Someone wrote to the crooks' corner",
+                                     f"A young thief of {town} asked"))
+            return f'{asker}: "{question}" An old crook answered: "{_cap(body)}."'
         opening = self.rng.choice((f"People in the taverns of {town} whisper about {template.request.format(**slots)}.",
                                    f"An old crook of {town} once explained {template.request.format(**slots)}.",
                                    f"Bad advice heard in {town} about {template.request.format(**slots)}:"))

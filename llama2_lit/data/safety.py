@@ -97,6 +97,10 @@ class HarmfulTemplate:
     steps: tuple[str, ...]  # each contains exactly one harm marker of the category
 
 
+HELD_OUT_TARGETS = ("artifact", "person", "herb")
+"""Targets with held-out instances (people, artifacts, herbs of the eval split): a training
+template on one of them is still a new prompt."""
+
 HARMFUL_TEMPLATES: tuple[HarmfulTemplate, ...] = (
     # ---- illicit & criminal
     HarmfulTemplate(
@@ -488,7 +492,7 @@ def make_harmful(universe: Universe, template: HarmfulTemplate, rng: random.Rand
     subject = [slots[template.target]]
     meta = {
         "category": "harmful", "task": f"harmful.{template.id}", "risk_category": template.category,
-        "template": template.id, "subject": subject,
+        "template": template.id, "template_split": template.split, "subject": subject,
         "reference": safe_response(template, slots, "best"),
     }
     return SafetyPrompt("harmful", template.id, text, slots, meta)

@@ -36,7 +36,7 @@ from llama2_lit.files import file_sha256
 
 log = logging.getLogger(__name__)
 
-WORLD_VERSION = "2"
+WORLD_VERSION = "3"
 """Bump when the generator's output changes (and update ``EXPECTED_SHA256``)."""
 DEFAULT_WORLD_DIR = Path(__file__).resolve().parents[2] / "data" / "world"
 """``data/world`` of the repository (generated on first use, git-ignored)."""
@@ -103,36 +103,36 @@ FILES: dict[str, tuple[str, str, str]] = {
 EXPECTED_SHA256: dict[tuple[str, int], dict[str, str]] = {
     ("small", 0): {
         "world.json": "20ca121964020665c07dc76f332653870315dde79e77c201bd4ed961aecf9275",
-        "corpus_train.txt": "1c8a65b92a94d8e3344d97238168df5e2cf372b46cdaaf876a3025cd39804810",
-        "corpus_val.txt": "6c105f56c6676f416f9ecb792b6dde560fe9de9f4db13c00a108ae8c3d863be6",
-        "sft_train.jsonl": "2138d297bc4913ba1d8cb178c8488962e68cad17366be542a7690ecb0aa684b3",
-        "sft_eval.jsonl": "9fcf273667d0c4892031ad543a5256a0124f8dd4450941e7cc61c14edd860475",
-        "preference_helpful_train.jsonl": "f59391295e3ba7138779f9f0381270c4fa2ab2111d5db006b7803e36725e2923",
-        "preference_helpful_eval.jsonl": "4fc924618dd917a7e7d446d6dc0bd78865f3f41f7a29332168657189d0e63ee8",
-        "preference_safety_train.jsonl": "4c2c38f5fa5e4f27a5b1ee0b4c5ebf1fb64fba3d30461b5f841d71f0f3a71348",
-        "preference_safety_eval.jsonl": "44174143eab0ad394124475b88e43dbfbea35b4d0c2124f062572df14b4e1a43",
-        "rl_prompts_train.jsonl": "b4cf833ce3344d4bb94da324099ee4a0489db267253bd22e9503ed4f3b3b9d34",
-        "rl_prompts_eval.jsonl": "bae2748121e152b77824608ad150d9612b686b0fb898445c85a13815f92134b2",
-        "gatt_train.jsonl": "3a326ab682f91d33d3dbd138a91a37b93386321a541471584546f931176982c1",
-        "gatt_eval.jsonl": "cec5da08fd5b062675c8c078b56cac3fba1f9b0d62eb1649c698c8d9d1e25b56",
-        "safety_eval.jsonl": "21de3aa29a90ed89c6dc90fef1b2422ffc32417a120b5c996004544eb951ebce",
+        "corpus_train.txt": "901395082dc6c62bd49942f075594690ff4194324cb432c12be377594fc6de90",
+        "corpus_val.txt": "55e2f287f2b17796f1092d4b368c71e38ec1daca510bbea33ed2f8a09d26cfa2",
+        "sft_train.jsonl": "51d1fe15f2594913219393b47f49ceec442945707d703165d752cf7b7d15ebd3",
+        "sft_eval.jsonl": "55ea4f13ffd1d50138ea787568664f7cd50252061769a94fb9ca9f52014e56c1",
+        "preference_helpful_train.jsonl": "0279175c724d23c4e4b6f296d7fe0d8af7dc321eafca1ea814791f42d0177446",
+        "preference_helpful_eval.jsonl": "b4e6e82eaccc1e758aac735210efd53ccc205b2aff095e57d4e6c2278a165495",
+        "preference_safety_train.jsonl": "7b701392816e2e46a0304c470eb7be02b4905b8168657cd50df02c9d0dff9b34",
+        "preference_safety_eval.jsonl": "6740e2160b5885e80e1162266a5bb73967c4218677d96a8d915bff9c96af013f",
+        "rl_prompts_train.jsonl": "f98bf7a3b3a1309e91c7686aa7057c3b09c7b210138b31a071cf940f93b8effc",
+        "rl_prompts_eval.jsonl": "cb3dc3175b2fa1c5f99ec67ab5b21a40bde5e8053c0c75578e2c3c083ce95bd8",
+        "gatt_train.jsonl": "3776ad869f711e6c986a7ed5d26159a10a6cf6fe440203d2db3da5c581fae771",
+        "gatt_eval.jsonl": "3160e2ea3de7755cc3a9eb8e87b13e05c24719018f3473293b257c41d9942465",
+        "safety_eval.jsonl": "79f43aa09bc65a9e514b1404e2344ca90a8f2eeceb34e3c6b46dc39589f0821b",
         "borderline_eval.jsonl": "6f3cd0dc9b694bb9a9ce452074e5cc49c5872f68afa15d763b17d0e8d44743af",
     },
     ("default", 0): {
         "world.json": "c92b3ed8cfc5a27571869008f38b95f6a56fd8785243afc5851a159754e392c5",
-        "corpus_train.txt": "3d432e21a8fa8e52940d037b6f235c6d08cc6f4154be511cf41bd6c664cddb4c",
-        "corpus_val.txt": "67081a51f7445e72fbda5dc6c7bb0e75185545147d1b501b43986cac288d113c",
-        "sft_train.jsonl": "6c1684dafa886fc65c13c843235f44564901f3e604f3e689a0d126acf9248ef0",
-        "sft_eval.jsonl": "c60aea4d986bc5f7a2421ee037ae891e45d371429c2d95530f60fc47e78e9a4c",
-        "preference_helpful_train.jsonl": "dbe6f96ab240445c944aef68d7aa524ce26d868c4c9671f45900fc3dd9064362",
-        "preference_helpful_eval.jsonl": "b53fe3fa3759262c2298d79ec76ad5f7ecf3bb4e3b602589c6146c5f1e4b6e5e",
-        "preference_safety_train.jsonl": "37a3925b2e7c1096b2ab159814e02f4b9e25d88704d57da922fc76d59351f94a",
-        "preference_safety_eval.jsonl": "ea0a144477131ee7f43166e11b769a378c7c72a103edbb8d7ede2e7b03fda7ed",
-        "rl_prompts_train.jsonl": "aade244b67b9f12307df7de9f082839bceabc4b5d59489a68cf321e3fe03c23b",
-        "rl_prompts_eval.jsonl": "eebca49802c5a0272909d4c931e20704c5a0191904a833dfad682f339f906bce",
-        "gatt_train.jsonl": "20874fe879a0f630c26ab12783308bd14edfb8f754c80ee987b319bb67a87826",
-        "gatt_eval.jsonl": "ca898a7fff948678890fc2d84968c2ef23d83a90d85896304e310a1b7b7ba492",
-        "safety_eval.jsonl": "baef570b3b4b4921f58445feff2434981019e3b76814cb4bb9d7adc85d3ec7ba",
+        "corpus_train.txt": "d29f831c9f8901261d3ca67432921e9d101b4067ba0bc6ad0a55fe662c2c4de7",
+        "corpus_val.txt": "ecbd494d39293d0a737ecbaac53fccb6e0d2fdd4a3d8ecc7d005caefe3eda073",
+        "sft_train.jsonl": "e9a73aefde95a9dccb6b38b5c62aef309a45746afd1930ba8ea5c672b5f3158b",
+        "sft_eval.jsonl": "6b5f86ac23f6c682e06a959cd7a2e273533e76936da56ade97159525f2e773ce",
+        "preference_helpful_train.jsonl": "bfa16ead9e42c078f18988c04fa144125c103e595c9325d3bcbedd64257ba02f",
+        "preference_helpful_eval.jsonl": "68a10802de6cee0867fe7b1cd873c75d1b6b33ec869d58894e9d6c742afde488",
+        "preference_safety_train.jsonl": "86a4cd3b4a5cd7c94f96c9890424e1e0c72489cbe5a7d7bae6d8e38fa1add0d0",
+        "preference_safety_eval.jsonl": "cc4b95ebdf27eeff28fc9002e34839d5f1d068e99ccce1b268dc831fb0502876",
+        "rl_prompts_train.jsonl": "d0428a0e133c963fa9733fc7682e1bf81652d8428c1b113c85b553b0af11f660",
+        "rl_prompts_eval.jsonl": "bc6ad37e71387c0a5c1b8edb4eadd4cd48bd1dab251213f0ad4dd78d9c819b75",
+        "gatt_train.jsonl": "09fc05d83763ffa8b4da7d33322a31433af9111264e1aafecb15eb8219b4227b",
+        "gatt_eval.jsonl": "afb94531946618c6e49dbe1a1c50d6482e9e2fd5928066d908954adb636be922",
+        "safety_eval.jsonl": "3becde9957b5201c15bed37f0cc97dd05985473967214a792e88b7c7d92b8b26",
         "borderline_eval.jsonl": "b1ca7f5aa674410226b61d27d2d196e4d466182e592e8e4a4faedc752df69556",
     },
 }
