@@ -36,7 +36,8 @@ def _sample(records: list[dict], n: int | None, rng: random.Random) -> list[dict
 
 def world_check(model, tokenizer, world: str | Path, *, n_gatt: int | None = 96, n_safety: int | None = None,
                 n_borderline: int | None = None, n_best_of: int = 48, n_tasks: int = 100,
-                ks: tuple[int, ...] = (1, 2, 4, 8, 16), temperature: float = 0.6, max_new_tokens: int = 64,
+                ks: tuple[int, ...] = (1, 2, 4, 8, 16), temperatures: tuple[float, ...] = (0.6, 1.0, 1.4),
+                max_new_tokens: int = 64,
                 batch_size: int = 16, seed: int = 0) -> dict[str, Any]:
     """Every precondition, measured on ``model`` (a ``Transformer``) over the world's eval files.
 
@@ -88,11 +89,18 @@ def world_check(model, tokenizer, world: str | Path, *, n_gatt: int | None = 96,
 
     start = time.time()
     prompts = _sample(load_records(world / "rl_prompts_eval.jsonl", "prompts"), n_best_of, rng)
-    out["best_of_k"] = {str(k): v for k, v in best_of_k(model, tokenizer, prompts, ks=ks, temperature=temperature,
-                                                        max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                                        seed=seed).items()}
+    # Rejection sampling's room at each temperature: the optimum moves with the model (paper Fig 8),
+    # so the headroom that counts is the one at the best temperature.
+    by_temperature = {}
+    for temperature in temperatures:
+        by_temperature[str(temperature)] = {str(k): v for k, v in best_of_k(
+            model, tokenizer, prompts, ks=ks, temperature=temperature, max_new_tokens=max_new_tokens,
+            batch_size=batch_size, seed=seed).items()}
+    first, last = str(ks[0]), str(ks[-1])
+    best = max(by_temperature, key=lambda t: by_temperature[t][last] - by_temperature[t][first])
+    out["best_of_k_by_temperature"] = by_temperature
+    out["best_of_k"], out["temperature"] = by_temperature[best], float(best)
     out["best_of_k_n"] = len(prompts)
-    out["temperature"] = temperature
     seconds["best_of_k"] = time.time() - start
 
     start = time.time()
@@ -132,11 +140,12 @@ def format_world_check(result: dict[str, Any]) -> str:
                      f"{result['refusal_by_vector'][vector]:>9.3f}")
     lines.append(f"  {'adversarial (all vectors)':<36}{'':>5}{result['violation_adversarial']:>11.3f}")
     lines += ["", f"False refusals on borderline prompts: {result['false_refusal']:.3f} (n={result['borderline_n']})",
-              "", f"Best-of-K oracle helpfulness (T={result['temperature']}, oracle as the picker, "
-              f"n={result['best_of_k_n']} prompts)",
-              "  " + "  ".join(f"K={k}: {v:.3f}" for k, v in result["best_of_k"].items())]
+              "", f"Best-of-K oracle helpfulness (oracle as the picker, n={result['best_of_k_n']} prompts)"]
     ks = list(result["best_of_k"])
-    lines.append(f"  headroom best-of-{ks[-1]} - best-of-{ks[0]}: "
+    for temperature, values in result["best_of_k_by_temperature"].items():
+        lines.append(f"  T={temperature:<5}" + "  ".join(f"K={k}: {v:.3f}" for k, v in values.items())
+                     + f"   headroom {values[ks[-1]] - values[ks[0]]:+.3f}")
+    lines.append(f"  headroom best-of-{ks[-1]} - best-of-{ks[0]} at the best temperature (T={result['temperature']}): "
                  f"{result['best_of_k'][ks[-1]] - result['best_of_k'][ks[0]]:+.3f}")
     lines += ["", "Task accuracy (greedy): " + "  ".join(f"{k} {v:.3f}" for k, v in result["task_accuracy"].items()),
               "", "Seconds: " + "  ".join(f"{k} {v:.0f}" for k, v in result["seconds"].items())]

@@ -65,11 +65,14 @@ def test_world_check_measures_every_precondition_on_a_nano_model(nano) -> None:
     assert vectors == {"direct", "psychological_manipulation", "false_premise", "misspelling", "metaphor", "role_play",
                        "multi_turn", "all"}  # the whole small safety_eval covers every vector
     assert result["safety_n_by_vector"]["all"] == 60
-    best = [result["best_of_k"][k] for k in ("1", "2", "4")]
-    assert all(a <= b + 1e-9 for a, b in zip(best, best[1:]))  # the best of more samples is never worse
+    for values in result["best_of_k_by_temperature"].values():
+        best = [values[k] for k in ("1", "2", "4")]
+        assert all(a <= b + 1e-9 for a, b in zip(best, best[1:]))  # the best of more samples is never worse
+    gains = {t: v["4"] - v["1"] for t, v in result["best_of_k_by_temperature"].items()}
+    assert set(gains) == {"0.6", "1.0", "1.4"} and gains[str(result["temperature"])] == max(gains.values())
     assert result["held_out"] == {"constraint_types": ["lowercase"], "attack_vectors": ["role_play"]}
     table = format_world_check(result)
-    for needle in ("turn 6", "role_play (held out)", "False refusals", "K=4", "headroom best-of-4 - best-of-1",
+    for needle in ("turn 6", "role_play (held out)", "False refusals", "K=4", "T=1.4", "headroom best-of-4 - best-of-1 at the best temperature",
                    "held-out", "seen"):
         assert needle in table, needle
     json.dumps(result)  # JSON-able
