@@ -356,3 +356,21 @@ def test_throughput_meter_counts_tokens_per_second_and_pauses_for_validation(mon
     rates = meter.compute()  # 2 ranks x 2000 tokens in 14 - 8 = 6 s
     assert rates["tokens_per_s"] == pytest.approx(4000 / 6)
     assert rates["mfu"] == pytest.approx(4000 / 6 * 1e6 / (1e10 * 2))
+
+
+def test_cpu_peak_is_the_best_ever_measured_on_this_machine(tmp_path, monkeypatch) -> None:
+    """A peak measured while the CPU is busy would overstate MFU: the cache keeps the best."""
+    from llama2_lit.stages import throughput
+
+    monkeypatch.setattr(throughput, "PEAK_CACHE", tmp_path / "peak.json")
+    assert throughput._remember_peak("cpu|2|2|bf16", 8e11) == 8e11
+    assert throughput._remember_peak("cpu|2|2|bf16", 2e11) == 8e11  # a slow (busy) measurement loses
+    assert throughput._remember_peak("cpu|2|2|fp32", 1e11) == 1e11  # per dtype
+    monkeypatch.setattr(throughput, "measure_matmul_flops", lambda *a, **k: 1.0)  # a very busy machine
+    key = f"{throughput.platform.processor() or throughput.platform.machine()}|{throughput.os.cpu_count()}|" \
+          f"{throughput.torch.get_num_threads()}|bf16"
+    throughput._remember_peak(key, 5e11)
+    peak = throughput.peak_flops(throughput.torch.device("cpu"), bf16=True)
+    assert peak.flops == 5e11 and "best ever on this machine" in peak.source
+    (tmp_path / "peak.json").write_text("not json")
+    assert throughput._remember_peak("cpu|2|2|bf16", 3e11) == 3e11  # a broken cache is ignored, then rewritten
