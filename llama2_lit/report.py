@@ -109,20 +109,23 @@ def plot_lines(path: Path, panels: list[tuple[str, dict[str, tuple], str]]) -> N
         axis.legend(fontsize=7)
         if any(isinstance(x, str) for line in lines.values() for x in line[0]):
             axis.tick_params(axis="x", labelrotation=30, labelsize=7)
+            plt.setp(axis.get_xticklabels(), ha="right")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
-def plot_histograms(path: Path, panels: list[tuple[str, dict[str, list[float]], str]]) -> None:
-    """One panel per (title, {label: values in [0, 1]}, x label): step histograms on shared bins."""
+def plot_histograms(path: Path, panels: list[tuple[str, dict[str, list[float]], str, float | None]]) -> None:
+    """One panel per (title, {label: values in [0, 1]}, x label, a threshold to mark or None): step
+    histograms on shared bins."""
     plt = _pyplot()
     figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
     bins = [i / 20 for i in range(21)]
-    for axis, (title, series, xlabel) in zip(axes[0], panels):
+    for axis, (title, series, xlabel, threshold) in zip(axes[0], panels):
         for label, values in series.items():
             axis.hist(values, bins=bins, histtype="step", linewidth=1.5, label=f"{label} (n={len(values)})")
-        axis.axvline(SAFETY_LOW, color="grey", linewidth=0.8, linestyle="--")
+        if threshold is not None:
+            axis.axvline(threshold, color="grey", linewidth=0.8, linestyle="--")
         axis.set_title(title, fontsize=10)
         axis.set_xlabel(xlabel)
         axis.set_ylabel("answers")
@@ -464,10 +467,11 @@ def safety_scores_section(reward_scores: dict[str, dict[str, list[float]]], plot
     labels = {"sft": "sft (before RLHF)", "ppo": "ppo (after RLHF with the safety RM)",
               "context distillation": "context distillation"}
     panels = [("safety RM on harmful prompts' answers", {labels[n]: reward_scores[n]["safety"] for n in chosen},
-               "safety RM score (sigmoid)")]
+               "safety RM score (sigmoid)", SAFETY_LOW)]
     if all(reward_scores[n].get("helpfulness") for n in chosen):
         panels.append(("helpfulness RM on held-out tasks' answers",
-                       {labels[n]: reward_scores[n]["helpfulness"] for n in chosen}, "helpfulness RM score (sigmoid)"))
+                       {labels[n]: reward_scores[n]["helpfulness"] for n in chosen}, "helpfulness RM score (sigmoid)",
+                       None))
     plot_histograms(plots / "safety_scores.png", panels)
 
     def mean(values: list[float]) -> float:
@@ -479,7 +483,7 @@ def safety_scores_section(reward_scores: dict[str, dict[str, list[float]]], plot
     lines = ["", "## Safety RM scores before and after safety RLHF (Fig 14)", "",
              "The last version's safety RM scores every model's answers to the harmful prompts of the evaluation "
              f"(the helpfulness RM its answers to the held-out tasks); the dashed line is {SAFETY_LOW}, the "
-             "threshold of R_c (section 3.2.3).", "",
+             "safety threshold of R_c (section 3.2.3).", "",
              f"| model | mean safety RM score | share below {SAFETY_LOW} | mean helpfulness RM score |",
              "|---|---|---|---|"]
     for name in chosen:
