@@ -25,7 +25,9 @@ The evaluation suite (``evaluate_checkpoints``, the ``llama2-lit evaluate`` verb
 * **perplexity** on the held-out pretraining text (``corpus_perplexity``);
 * the oracle's scores on the held-out suites of ``evaluation_suites`` (tasks, harmful prompts for
   the violation rate, borderline prompts for the false-refusal rate), with the standard error of
-  each mean as its spread;
+  each mean as its spread, and the violation rate per attack vector of the harmful suite;
+* the **reward models' scores** of the answers (the safety RM's on the harmful suite, the
+  helpfulness RM's on the held-out tasks: paper Fig 14's distributions);
 * **reward-model accuracy by rating** (Table 8's layout, ``llama2_lit.reward_metrics``);
 * the **pairwise win rate** of each checkpoint against the first, with ties, judged by the oracle
   and by the reward models (the paper's Fig 1 and Fig 12 compare models this way, with GPT-4 and
@@ -123,7 +125,9 @@ def suite_summary(results: list[dict[str, Any]]) -> dict[str, float]:
     """Everything the report shows for one suite: helpfulness, accuracy, violations, refusals."""
     judgements = [r["judgement"] for r in results]
     summary = {"n": float(len(judgements)), **helpfulness_summary(results),
-               "refusal": _mean(j.refusal for j in judgements)}
+               "violation_se": _standard_error([float(j.violation) for j in judgements]),
+               "refusal": _mean(j.refusal for j in judgements),
+               "refusal_se": _standard_error([float(j.refusal) for j in judgements])}
     graded = [j.correct for j in judgements if j.correct is not None]
     if graded:
         summary["accuracy"] = _mean(graded)
@@ -141,6 +145,16 @@ def rate_by(results: list[dict[str, Any]], key: str, value: str = "violation") -
     out = {group: _mean(values) for group, values in sorted(groups.items())}
     out["all"] = _mean(float(getattr(r["judgement"], value)) for r in results)
     return out
+
+
+def count_by(results: list[dict[str, Any]], key: str) -> dict[str, int]:
+    """How many of ``oracle_answers`` output fall in each value of the prompts' ``meta[key]`` (the
+    groups of ``rate_by``), with ``"all"``."""
+    counts: dict[str, int] = {}
+    for r in results:
+        group = str(r["meta"].get(key))
+        counts[group] = counts.get(group, 0) + 1
+    return {**dict(sorted(counts.items())), "all": len(results)}
 
 
 def constraint_rollouts(model: Transformer, tokenizer: Tokenizer, records: list[dict], *, max_turns: int | None = None,
@@ -177,14 +191,22 @@ def constraint_rollouts(model: Transformer, tokenizer: Tokenizer, records: list[
     return out
 
 
-def adherence_by_turn(rollouts: list[list[dict[str, Any]]]) -> dict[str, dict[int, float]]:
+def adherence_by_turn(rollouts: list[list[dict[str, Any]]],
+                      types: tuple[str, ...] | None = None) -> dict[str, dict[int, float]]:
     """``{constraint type: {turn (1-based): share of replies that follow it}}`` of
-    ``constraint_rollouts`` output, with ``"all"`` (every constraint of the dialog followed)."""
+    ``constraint_rollouts`` output, with ``"all"`` (every constraint of the dialog followed).
+
+    With ``types``, only constraints of those types count: ``"all"`` is then every one of them
+    followed, over the dialogs that carry at least one (e.g. the trained types, leaving a held-out
+    type to its own zero-shot row)."""
     counts: dict[str, dict[int, list[float]]] = {}
     for dialog in rollouts:
         for turn, step in enumerate(dialog, start=1):
-            for kind, ok in [*step["ok"].items(), ("all", all(step["ok"].values()))]:
-                counts.setdefault(kind, {}).setdefault(turn, []).append(float(ok))
+            ok = {kind: value for kind, value in step["ok"].items() if types is None or kind in types}
+            if types is not None and not ok:
+                continue
+            for kind, value in [*ok.items(), ("all", all(ok.values()))]:
+                counts.setdefault(kind, {}).setdefault(turn, []).append(float(value))
     return {kind: {turn: _mean(v) for turn, v in sorted(turns.items())} for kind, turns in sorted(counts.items())}
 
 
@@ -241,6 +263,7 @@ class Decoding:
 SUITES = ("tasks (held-out)", "tasks (seen)", "harmful (held-out)", "borderline (held-out)")
 """The prompt sets (``evaluation_suites``): helpfulness and accuracy on tasks, the violation rate on
 harmful prompts, the false-refusal rate (``refusal``) on borderline prompts."""
+HARMFUL = SUITES[2]
 
 
 def evaluation_suites(world: str | Path, n: int, seed: int = 0) -> dict[str, list[dict]]:
@@ -388,11 +411,13 @@ def evaluate_checkpoints(checkpoints: dict[str, str | Path], *, world: str | Pat
     ``checkpoints``: name -> policy checkpoint; every other one's win rate is taken against
     ``baseline`` (default: the first).
     ``reward_models``: ``helpfulness`` and/or ``safety`` -> reward-model checkpoint; they judge the
-    win rates and are scored on ``preference_files`` (name -> ``preference`` file).
+    win rates, score every model's answers (``reward_scores``: the safety RM on the harmful suite, the
+    helpfulness RM on the held-out tasks) and are scored on ``preference_files`` (name ->
+    ``preference`` file).
     """
     from llama2_lit.checkpoints import load_model
     from llama2_lit.data.records import load_records
-    from llama2_lit.reward_metrics import load_reward_model
+    from llama2_lit.reward_metrics import load_reward_model, score_responses
 
     tokenizer = Tokenizer(tokenizer_path)
     suites = evaluation_suites(world, prompts_per_suite, seed=decoding.seed)
@@ -410,6 +435,9 @@ def evaluate_checkpoints(checkpoints: dict[str, str | Path], *, world: str | Pat
                                                   temperature=decoding.temperature, top_p=decoding.top_p,
                                                   seed=decoding.seed)
             scores[suite] = suite_summary(answers[name][suite])
+        # Paper 4.2.1's attack vectors ("direct": a plain request), one violation rate each.
+        scores["violation_by_vector"] = rate_by(answers[name][HARMFUL], "attack_vector")
+        scores["harmful_n_by_vector"] = count_by(answers[name][HARMFUL], "attack_vector")
         results["models"][name] = scores
         results["samples"][name] = {suite: [a["response"] for a in answers[name][suite][:3]] for suite in suites}
         log(f"[evaluate] {name}: ppl {scores['perplexity']:.2f}  " + "  ".join(
@@ -418,6 +446,17 @@ def evaluate_checkpoints(checkpoints: dict[str, str | Path], *, world: str | Pat
         del model
 
     rms = {kind: load_reward_model(path) for kind, path in (reward_models or {}).items()}
+    # The reward models' own view of every model's answers (paper Fig 14: the safety RM's scores of
+    # answers to adversarial prompts, the helpfulness RM's of answers to helpfulness prompts), on the
+    # sigmoid scale.
+    results["reward_scores"] = {name: {} for name in checkpoints} if rms else {}
+    for kind, suite in (("safety", HARMFUL), ("helpfulness", SUITES[0])):
+        if kind in rms:
+            for name in checkpoints:
+                prompts = [a["messages"] for a in answers[name][suite]]
+                texts = [a["response"] for a in answers[name][suite]]
+                results["reward_scores"][name][kind] = torch.sigmoid(
+                    score_responses(rms[kind], tokenizer, prompts, texts)).tolist()
     baseline = baseline or next(iter(checkpoints))
     if baseline not in checkpoints:
         raise ValueError(f"the win-rate baseline {baseline!r} is not one of the checkpoints {list(checkpoints)}")
@@ -456,6 +495,35 @@ def win_rate_rows(win_rates: dict[str, Any], *, with_baseline: bool = True) -> l
     return lines
 
 
+def adversarial_violation(model: dict[str, Any]) -> float:
+    """The violation rate over the harmful suite's prompts wrapped in an attack vector (every vector
+    but ``direct``), from a model's ``violation_by_vector`` and ``harmful_n_by_vector``."""
+    from llama2_lit.data.safety import DIRECT
+
+    counts = {v: n for v, n in model["harmful_n_by_vector"].items() if v not in ("all", DIRECT)}
+    total = sum(counts.values())
+    return sum(model["violation_by_vector"][v] * n for v, n in counts.items()) / total if total else float("nan")
+
+
+def attack_vector_rows(models: dict[str, Any]) -> list[str]:
+    """A markdown table of each model's violation rate per attack vector of the harmful suite (paper
+    4.2.1; the vector held out of every training file marked), and over all adversarial prompts."""
+    from llama2_lit.data.safety import ATTACK_VECTORS, DIRECT, HELD_OUT_ATTACK_VECTORS
+
+    counts = next(iter(models.values()))["harmful_n_by_vector"]  # every model answers the same prompts
+    vectors = [DIRECT, *ATTACK_VECTORS]  # a vector absent from the suite shows n=0 and no rate
+
+    def name(vector: str) -> str:
+        return vector.replace("_", " ") + (", held out" if vector in HELD_OUT_ATTACK_VECTORS else "")
+
+    lines = ["| model | " + " | ".join(f"{name(v)} (n={counts.get(v, 0)})" for v in vectors) + " | adversarial, all |",
+             "|---|" + "---|" * (len(vectors) + 1)]
+    for label, model in models.items():
+        lines.append(f"| {label} | " + " | ".join(fmt(model["violation_by_vector"].get(v)) for v in vectors) +
+                     f" | {fmt(adversarial_violation(model))} |")
+    return lines
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     """The suite's results as markdown tables (oracle scores per model and suite; win rates;
     reward-model accuracy by rating)."""
@@ -471,6 +539,9 @@ def results_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {fmt(m['perplexity'], 2)} | {fmt(held['helpfulness'])} ± "
                      f"{fmt(held['helpfulness_se'])} | {fmt(held.get('accuracy'))} | {fmt(seen['helpfulness'])} | "
                      f"{fmt(harmful['violation'])} | {fmt(border['refusal'])} |")
+    if all("violation_by_vector" in m for m in results["models"].values()) and results["models"]:
+        lines += ["", "Violation rate on the harmful prompts by attack vector:", ""]
+        lines += attack_vector_rows(results["models"])
     if results["win_rates"]:
         lines += ["", "| model | against | judge | win | tie | loss |", "|---|---|---|---|---|---|"]
         lines += win_rate_rows(results["win_rates"])

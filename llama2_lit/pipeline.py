@@ -19,7 +19,7 @@ inputs may be named. ``recipe(size, versions)`` builds the paper's order at toy 
     gatt/data, gatt/sft   Ghost Attention data sampled from the PPO model, then SFT on it (3.3)
     cd/data, cd/sft       safety context distillation data, kept by the safety RM, then SFT (4.2.4)
     evaluate              the evaluation suite on every stage's model (llama2_lit.evaluation)
-    report                OUT/report.md, its plots and OUT/report.html
+    report                OUT/report.md, its plots and OUT/report.html (``llama2_lit.report``)
 
 Caching: a finished stage writes ``OUT/<name>/DONE.json`` with its *key* — a hash of its config
 file, overrides, parameters and the identities of its inputs — and an *identity* (its key and
@@ -46,8 +46,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from llama2_lit.runs import load_run
 
 DONE_FILE = "DONE.json"
 STARTED_FILE = "STARTED.json"
@@ -514,6 +512,8 @@ def recipe(size: str = "micro", versions: int = 2, budget: Budget | None = None)
         "gatt_dialogs": b.gatt_eval_dialogs},
         outputs={"results": "results.json", "table": "results.md"}, tags=("report",),
         about="the evaluation suite on every stage's model"))
+    from llama2_lit.report import report_stage
+
     stages.append(Stage("report", tuple(s.name for s in stages), function=report_stage, params={
         "size": size, "results": "${evaluate.results}"},
         outputs={"markdown": "report.md", "html": "report.html"}, tags=("report",), about="report.md + plots + html"))
@@ -633,13 +633,14 @@ def evaluate_stage(stage_dir: Path, *, models: dict[str, str], reward_models: di
                    static_pairs: int | None = None, gatt_dialogs: int = 64) -> dict[str, Any]:
     """The evaluation suite on every stage's model; every version's RMs on the static held-out pairs
     (Table 8; the first ``static_pairs`` of each file) and on every version's fresh pairs; constraint
-    adherence by turn on ``gatt_dialogs`` held-out dialogs before and after Ghost Attention (Table 30)."""
+    adherence by turn on ``gatt_dialogs`` held-out dialogs (plus a few with a held-out constraint type,
+    Fig 28) before and after Ghost Attention (Table 30). ``llama2_lit.report`` lays the results out."""
     from llama2_lit.data.records import load_records
     from llama2_lit.evaluation import Decoding, evaluate_checkpoints, reward_model_accuracy, results_markdown
     from llama2_lit.reward_metrics import load_reward_model
     from llama2_lit.tokenizer import Tokenizer
 
-    last = {kind: max((n for n in reward_models if n.endswith(f"rm_{kind}")), key=_version) for kind in
+    last = {kind: max((n for n in reward_models if n.endswith(f"rm_{kind}")), key=version_of) for kind in
             ("helpfulness", "safety")}
     results = evaluate_checkpoints(
         models, baseline="sft", world=WORLD,
@@ -655,317 +656,45 @@ def evaluate_stage(stage_dir: Path, *, models: dict[str, str], reward_models: di
         kind = name.rsplit("rm_", 1)[1]
         versions[name] = {"static": reward_model_accuracy(model, tokenizer, static[kind]),
                           "fresh": {v: reward_model_accuracy(model, tokenizer, records)["avg"]
-                                    for v, records in fresh.items()}}
+                                    for v, records in fresh.items()},
+                          "fresh_pairs": {v: len(records) for v, records in fresh.items()}}
     results["reward_model_versions"] = versions
-    # Table 30: constraint adherence turn by turn, before Ghost Attention (the PPO model) and after.
+    # Table 30: constraint adherence turn by turn, before Ghost Attention (the PPO model) and after;
+    # "trained" counts the constraint types of the training data only, and each held-out type has
+    # its own row (the zero-shot test of Fig 28). Dialogs with a held-out type are rare in the file:
+    # beyond the first ``gatt_dialogs``, enough of them are added for that row to mean something.
     from llama2_lit.checkpoints import load_model
+    from llama2_lit.data.constraints import HELD_OUT_CONSTRAINT_TYPES, TRAINED_CONSTRAINT_TYPES
     from llama2_lit.evaluation import adherence_by_turn, constraint_rollouts
 
-    dialogs = load_records(f"{WORLD}/gatt_eval.jsonl", "prompts")[:gatt_dialogs]
-    results["adherence_by_turn"] = {
-        label: adherence_by_turn(constraint_rollouts(load_model(models[label]).eval(), tokenizer, dialogs,
-                                                     max_new_tokens=max_new_tokens))
-        for label in ("ppo", "gatt", "context distillation") if label in models}
+    def held_out(record: dict[str, Any]) -> bool:
+        return any(spec["type"] in HELD_OUT_CONSTRAINT_TYPES for spec in record["meta"]["constraints"])
+
+    every_dialog = load_records(f"{WORLD}/gatt_eval.jsonl", "prompts")
+    dialogs = every_dialog[:gatt_dialogs]
+    missing = max(4, gatt_dialogs // 8) - sum(map(held_out, dialogs))
+    dialogs += [r for r in every_dialog[gatt_dialogs:] if held_out(r)][:max(0, missing)]
+    results["adherence_dialogs"] = {kind: sum(kind in {s["type"] for s in r["meta"]["constraints"]} for r in dialogs)
+                                    for kind in (*TRAINED_CONSTRAINT_TYPES, *HELD_OUT_CONSTRAINT_TYPES)}
+    results["adherence_dialogs"]["all"] = len(dialogs)
+    results["adherence_dialogs"]["trained"] = sum(
+        any(spec["type"] in TRAINED_CONSTRAINT_TYPES for spec in r["meta"]["constraints"]) for r in dialogs)
+    results["adherence_by_turn"] = {}
+    for label in ("ppo", "gatt", "context distillation"):
+        if label in models:
+            rollouts = constraint_rollouts(load_model(models[label]).eval(), tokenizer, dialogs,
+                                           max_new_tokens=max_new_tokens)
+            table = adherence_by_turn(rollouts)
+            table["trained"] = adherence_by_turn(rollouts, types=TRAINED_CONSTRAINT_TYPES).get("all", {})
+            results["adherence_by_turn"][label] = table
     _write_json(stage_dir / "results.json", results)
     (stage_dir / "results.md").write_text(results_markdown(results))
     return {"models": list(results["models"])}
 
 
-def _version(name: str) -> int:
-    return int(name.split("/")[0].lstrip("v"))
-
-
-def report_stage(stage_dir: Path, *, size: str, results: str) -> dict[str, Any]:
-    """``OUT/report.md``, ``OUT/report.html`` and the plots, from the stages' records and the evaluation
-    (also kept in the stage's own directory)."""
-    out = stage_dir.parent
-    unigram = pretraining_baseline(size)
-    markdown = report_markdown(out, size, json.loads(Path(results).read_text()), stage_dir, unigram)
-    (stage_dir / "report.md").write_text(markdown)
-    (stage_dir / "report.html").write_text(markdown_to_html(markdown, title=f"llama2_lit demo ({size})"))
-    for name in ("report.md", "report.html"):
-        shutil.copy(stage_dir / name, out / name)
-    for plot in stage_dir.glob("*.png"):
-        shutil.copy(plot, out / plot.name)
-    return {"report": str(out / "report.md"), "unigram_ppl": unigram,
-            "val_ppl": load_run(out / "pretrain").last("val/ppl")}
-
-
-# ------------------------------------------------------------------------------------- the report
-
-
-def _done(out: Path, name: str) -> dict[str, Any]:
-    return json.loads((out / name / DONE_FILE).read_text())
-
-
-def pretraining_baseline(size: str) -> float:
-    """Validation perplexity of a unigram model fitted to the training tokens (the bar to clear)."""
-    from llama2_lit.data.datamodules import PretrainDataModule
-    from llama2_lit.stages.pretrain import dataset_targets, unigram_perplexity
-    from llama2_lit.tokenizer import Tokenizer
-
-    data_args = yaml.safe_load(Path(config_path(size, "pretrain")).read_text())["data"]["init_args"]
-    data = PretrainDataModule(**data_args)
-    data.prepare_data()
-    data.setup("fit")
-    vocab_size = Tokenizer(data_args["tokenizer_path"]).vocab_size
-    return unigram_perplexity(dataset_targets(data.train_dataset), dataset_targets(data.val_dataset), vocab_size)
-
-
-def _plot(path: Path, panels: list[tuple[str, dict[str, tuple[list[Any], list[float]]], str]]) -> None:
-    """One panel per (title, {label: (xs, ys)}, x label)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
-    for axis, (title, lines, xlabel) in zip(axes[0], panels):
-        for label, (xs, ys) in lines.items():
-            axis.plot(xs, ys, marker="o", markersize=3, label=label)
-        axis.set_title(title)
-        axis.set_xlabel(xlabel)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path, unigram: float) -> str:
-    """The report: what each stage achieved, in the layout of the paper's tables and figures."""
-    from llama2_lit.data.records import RATINGS
-    from llama2_lit.evaluation import SUITES, fmt, win_rate_rows
-    from llama2_lit.runs import plot_runs
-
-    stage_names = [p.parent.relative_to(out).as_posix() for p in sorted(out.glob(f"**/{DONE_FILE}"))]
-    records = {name: _done(out, name) for name in stage_names}
-    order = [s.name for s in recipe(size, max((_version(n) for n in records if n.startswith("v")), default=1))
-             if s.name in records]
-    lines = [f"# llama2_lit demo: the recipe on the toy world ({size})", "",
-             "Every number below is measured on held-out prompts by the toy world's oracle "
-             "(`llama2_lit.data.oracle`) or on held-out preference pairs; `llama2-lit evaluate` computes the "
-             "same numbers for any checkpoints (`llama2_lit.evaluation`).", "",
-             "| stage | seconds | resumed |", "|---|---|---|"]
-    lines += [f"| {name} | {records[name]['seconds']:.1f} | {'yes' if records[name].get('resumed') else ''} |"
-              for name in order]
-    lines.append(f"| **total** | {sum(records[n]['seconds'] for n in order):.1f} | |")
-
-    # Pretraining and SFT curves
-    pretrain, sft = load_run(out / "pretrain"), load_run(out / "sft")
-    plot_runs([pretrain], ["train/loss", "val/ppl"], plots / "curves_pretrain.png")
-    plot_runs([sft], ["train/loss", "val/loss", "val/helpfulness"], plots / "curves_sft.png")
-    ppl = pretrain.last("val/ppl")
-    lines += ["", "## Pretraining (paper 2.2)", "",
-              f"- validation perplexity **{fmt(ppl, 2)}**, against **{unigram:.1f}** for a unigram model fitted to "
-              f"the training tokens" if ppl else "- no validation perplexity logged",
-              f"- {pretrain.last('train/tokens') or 0:,.0f} training tokens at "
-              f"{fmt(pretrain.last('perf/tokens_per_s'), 0)} tokens/s", "", "![pretraining](curves_pretrain.png)",
-              "", "![SFT](curves_sft.png)"]
-
-    # After every stage
-    d = results["decoding"]
-    models = results["models"]
-    lines += ["", "## Helpfulness, violations and false refusals after every stage", "",
-              f"Answers decoded at temperature {d['temperature']:g}, top-p {d['top_p']:g} (the paper's automatic "
-              f"safety evaluation, section 4.1), at most {d['max_new_tokens']} tokens; {results['prompts_per_suite']} "
-              "prompts per suite; ± is the standard error over prompts. Violation: share of unsafe answers to harmful "
-              "prompts (section 4.4); false refusal: share of refused borderline prompts (Fig 33).", "",
-              "| model | perplexity | helpfulness (held-out tasks) | accuracy | helpfulness (seen tasks) | "
-              "helpfulness (harmful) | violation (harmful) | false refusal (borderline) |",
-              "|---|---|---|---|---|---|---|---|"]
-    for name, m in models.items():
-        held, seen, harmful, border = (m[s] for s in SUITES)
-        lines.append(f"| {name} | {fmt(m['perplexity'], 2)} | {fmt(held['helpfulness'])} ± "
-                     f"{fmt(held['helpfulness_se'])} | {fmt(held.get('accuracy'))} | {fmt(seen['helpfulness'])} ± "
-                     f"{fmt(seen['helpfulness_se'])} | {fmt(harmful['helpfulness'])} | {fmt(harmful['violation'])} "
-                     f"| {fmt(border['refusal'])} |")
-    order_models = list(models)
-    xs = order_models  # categorical axis: one point per stage's model
-    _plot(plots / "stages.png", [("oracle scores after each stage", {
-        "helpfulness (held-out tasks)": (xs, [models[n][SUITES[0]]["helpfulness"] for n in order_models]),
-        "violation (harmful)": (xs, [models[n][SUITES[2]]["violation"] for n in order_models]),
-        "false refusal (borderline)": (xs, [models[n][SUITES[3]]["refusal"] for n in order_models])},
-        "model after each stage")])
-    lines += ["", "![after every stage](stages.png)"]
-    if results["win_rates"]:
-        lines += ["", "### Win rate against SFT (the paper's Fig 1 and Fig 12 style)", "",
-                  "Every prompt of every suite; the oracle judges by helpfulness, the reward models by the "
-                  "safety-aware reward R_c (section 3.2.3); ties are equal scores (oracle) or a gap under 0.02 on "
-                  "the sigmoid scale (reward models).", "",
-                  "| model | judge | win | tie | loss |", "|---|---|---|---|---|"]
-        lines += win_rate_rows(results["win_rates"], with_baseline=False)
-
-    # Reward models
-    versions = results.get("reward_model_versions", {})
-    if versions:
-        lines += ["", "## Reward models (paper 3.2.2)", "", "### Accuracy by rating on the static held-out pairs "
-                  "(Table 8's layout)", "",
-                  "| reward model | pairs | " + " | ".join(r.replace("_", " ") for r in RATINGS) + " | avg |",
-                  "|---|---|" + "---|" * (len(RATINGS) + 1)]
-        for name, entry in versions.items():
-            row = entry["static"]
-            lines.append(f"| {name} | {int(row['pairs'])} | " + " | ".join(fmt(row[r]) for r in RATINGS) +
-                         f" | {fmt(row['avg'])} |")
-        fresh_versions = list(next(iter(versions.values()))["fresh"])
-        lines += ["", "### Accuracy on each version's fresh pairs (annotated on the latest policy's samples, "
-                  "held-out prompts)", "",
-                  "Does each RM stay on the policy's distribution? A version's RMs are trained on the pairs of "
-                  "their own version and earlier ones (on other prompts).", "",
-                  "| reward model | " + " | ".join(f"{v} pairs" for v in fresh_versions) + " |",
-                  "|---|" + "---|" * len(fresh_versions)]
-        for name, entry in versions.items():
-            lines.append(f"| {name} | " + " | ".join(fmt(entry["fresh"][v]) for v in fresh_versions) + " |")
-        annotate = [n for n in order if n.endswith("/annotate")]
-        lines += ["", "| version | train pairs | held-out pairs | ties skipped | ratings (train) |",
-                  "|---|---|---|---|---|"]
-        for name in annotate:
-            summary = records[name]["summary"]
-            lines.append(f"| {name.split('/')[0]} | {summary['train']['pairs']} | {summary['eval']['pairs']} | "
-                         f"{summary['train']['ties'] + summary['eval']['ties']} | "
-                         f"{', '.join(f'{k}: {v}' for k, v in sorted(summary['train']['ratings'].items()))} |")
-
-    # Rejection sampling
-    rs = [n for n in order if n.endswith("/rs")]
-    if rs:
-        lines += ["", "## Rejection sampling (paper 3.2.3)", "",
-                  "Each version samples K answers per prompt from the latest policy, keeps the one with the highest "
-                  "R_c by that version's reward models, adds it to the pool of every earlier version, and fine-tunes "
-                  "on the pool's best sample per prompt (scored by the latest reward models).", "",
-                  "| version | K | temperature | prompts | kept | pool | train (from earlier versions) | R_c of kept | "
-                  "R_c of all samples | oracle score: RM's pick | random pick | oracle's pick |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for name in rs:
-            r = records[name]["summary"]
-            lines.append(f"| {name.split('/')[0]} | {r['num_samples']} | {fmt(r['temperature'], 2)} | "
-                         f"{r['prompts']} | {r['kept']} | {r['pool']} | {r['train']} ({r['train_from_earlier_iterations']}) | "
-                         f"{fmt(r['reward_kept_mean'])} | {fmt(r['reward_sample_mean'])} | "
-                         f"{fmt(r.get('oracle_of_pick'))} | {fmt(r.get('oracle_mean'))} | "
-                         f"{fmt(r.get('oracle_of_oracle_pick'))} |")
-
-    # PPO
-    if (out / "ppo" / "metrics.csv").is_file():
-        ppo = load_run(out / "ppo")
-        reward, oracle = ppo.series.get("ppo/reward_rc", []), ppo.series.get("ppo/oracle_helpfulness", [])
-        panels = [("RM reward (R_c) and oracle helpfulness", {
-            "RM reward R_c": ([s for s, _ in reward], [v for _, v in reward]),
-            "oracle helpfulness": ([s for s, _ in oracle], [v for _, v in oracle])}, "iteration")]
-        kl = ppo.series.get("ppo/kl", [])
-        if kl:
-            panels.append(("KL to the reference", {"KL": ([s for s, _ in kl], [v for _, v in kl])}, "iteration"))
-        _plot(plots / "ppo.png", panels)
-        lines += ["", "## PPO (paper 3.2.3)", "",
-                  "The reward the policy is optimised for (the reward models' R_c, before whitening) next to the "
-                  "oracle's helpfulness of the same training rollouts: if the first rises while the second falls, "
-                  "the policy is hacking the reward models.", "",
-                  "| | first iteration | last iteration |", "|---|---|---|",
-                  f"| RM reward R_c | {fmt(reward[0][1] if reward else None)} | "
-                  f"{fmt(reward[-1][1] if reward else None)} |",
-                  f"| oracle helpfulness | {fmt(oracle[0][1] if oracle else None)} | "
-                  f"{fmt(oracle[-1][1] if oracle else None)} |", "", "![PPO](ppo.png)"]
-
-    # Ghost Attention and context distillation
-    if "gatt/data" in records:
-        g = records["gatt/data"]["summary"]
-        by_turn = g["sample_adherence_by_turn"]
-        lines += ["", "## Ghost Attention (paper 3.3)", "",
-                  f"{g['dialogs']} dialogs sampled from the PPO model with the instruction on every user turn; "
-                  f"{g['kept'] - g.get('dropped_empty_answer', 0)} kept for training "
-                  f"({g.get('dropped_empty_answer', 0)} dropped for an empty answer). Constraint adherence of the "
-                  "sampled answers by turn:", "",
-                  "| turn | " + " | ".join(str(t) for t in by_turn) + " |", "|---|" + "---|" * len(by_turn),
-                  "| adherence | " + " | ".join(fmt(v) for v in by_turn.values()) + " |"]
-    adherence = results.get("adherence_by_turn", {})
-    if adherence:
-        turns = sorted({t for table in adherence.values() for t in table.get("all", {})}, key=int)
-        lines += ["", "Constraint adherence turn by turn on held-out dialogs (Table 30's layout: the share of replies "
-                  "that follow every constraint of the system instruction, the instruction given in the first turn "
-                  "only), before Ghost Attention and after:", "",
-                  "| model | " + " | ".join(f"turn {t}" for t in turns) + " |", "|---|" + "---|" * len(turns)]
-        for label, table in adherence.items():
-            lines.append(f"| {label} | " + " | ".join(fmt(table.get("all", {}).get(t)) for t in turns) + " |")
-    if "cd/data" in records:
-        c = records["cd/data"]["summary"]
-        with_pre, without = c["score_with"], c["score_without"]
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        figure, axis = plt.subplots(figsize=(4.6, 3.6))
-        kept = c["kept_mask"]
-        axis.scatter([w for w, k in zip(without, kept) if k], [w for w, k in zip(with_pre, kept) if k], s=10,
-                     label="kept")
-        axis.scatter([w for w, k in zip(without, kept) if not k], [w for w, k in zip(with_pre, kept) if not k],
-                     s=10, label="rejected")
-        axis.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
-        axis.set_xlabel("safety RM score without preprompt")
-        axis.set_ylabel("with preprompt")
-        axis.set_title("context distillation (Fig 16b)")
-        axis.legend(fontsize=8)
-        figure.tight_layout()
-        figure.savefig(plots / "context_distillation.png", dpi=110)
-        plt.close(figure)
-        lines += ["", "## Safety context distillation (paper 4.2.4)", "",
-                  f"{c['prompts']} adversarial prompts answered with and without a safety preprompt; the safety RM "
-                  f"preferred the distilled answer for **{c['kept']}** of them (mean score gain "
-                  f"{fmt(c['mean_gain_kept'])}); {c['kept'] - c.get('dropped_empty_answer', 0)} kept for training "
-                  f"({c.get('dropped_empty_answer', 0)} empty answers dropped).", "",
-                  "![context distillation](context_distillation.png)"]
-
-    lines += ["", "## Sample answers", ""]
-    for suite in SUITES:
-        lines.append(f"**{suite}**")
-        lines += [f"- {name}: {results['samples'][name][suite][0]!r}" for name in models
-                  if results["samples"][name][suite]]
-        lines.append("")
-    return "\n".join(lines) + "\n"
-
-
-def markdown_to_html(markdown: str, *, title: str) -> str:
-    """The report as one HTML page: the subset of markdown it uses (headings, paragraphs, lists,
-    tables, images, bold and code); the ``markdown`` package is not a dependency."""
-    import html
-
-    def inline(text: str) -> str:
-        text = html.escape(text, quote=False)
-        text = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", r'<img alt="\1" src="\2">', text)
-        text = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
-        text = re.sub(r"_([^_]+)_(?=\W|$)", r"<em>\1</em>", text)
-        return re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
-
-    body: list[str] = []
-    lines = markdown.splitlines()
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
-        elif line.startswith("|"):
-            rows = []
-            while i < len(lines) and lines[i].startswith("|"):
-                rows.append([cell.strip() for cell in lines[i].strip().strip("|").split("|")])
-                i += 1
-            header, rest = rows[0], [r for r in rows[1:] if not all(set(c) <= {"-", ":"} for c in r)]
-            body.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in header) + "</tr>" +
-                        "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in rest) +
-                        "</table>")
-            continue
-        elif line.startswith("- "):
-            items = []
-            while i < len(lines) and lines[i].startswith("- "):
-                items.append(f"<li>{inline(lines[i][2:])}</li>")
-                i += 1
-            body.append("<ul>" + "".join(items) + "</ul>")
-            continue
-        elif line.strip():
-            body.append(f"<p>{inline(line)}</p>")
-        i += 1
-    style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em}table{border-collapse:collapse;"
-             "margin:1em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}img{max-width:100%}")
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+def version_of(stage_name: str) -> int:
+    """The RLHF version of a stage named ``v<k>/...``."""
+    return int(stage_name.split("/")[0].lstrip("v"))
 
 
 # ------------------------------------------------------------------------------------- entry point

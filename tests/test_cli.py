@@ -41,7 +41,8 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 # ------------------------------------------------------------------------------------ configs
 def test_there_are_configs_for_every_size_and_stage():
     names = {str(path.relative_to(REPO_ROOT / "configs")) for path in CONFIGS}
-    stages = ("pretrain", "sft", "reward_helpfulness", "reward_safety", "ppo", "rejection_sampling")
+    stages = ("pretrain", "sft", "reward_helpfulness", "reward_safety", "ppo", "rejection_sampling", "gatt",
+              "context_distillation")
     assert {f"{size}/{stage}.yaml" for size in ("nano", "micro", "llama2-7b") for stage in stages} <= names
 
 
@@ -75,11 +76,16 @@ def test_llama2_7b_configs_carry_the_papers_hyperparameters():
     assert data["seq_len"] == 4096 and tokens == 4 * 2**20  # 4M-token batches (Table 1)
     assert trainer["strategy"]["init_args"]["param_dtype"] == "bfloat16" and trainer["devices"] == 8
 
-    for stage in ("sft", "rejection_sampling"):  # RS fine-tuning is "similar to SFT" (3.2.3): SFT's numbers
+    # RS fine-tuning is "similar to SFT" (3.2.3); GAtt and context distillation fine-tune "on an SFT
+    # dataset" with no numbers of their own (3.3, 4.2.4): SFT's numbers for all of them.
+    for stage in ("sft", "rejection_sampling", "gatt", "context_distillation"):
         sft = yaml.safe_load((REPO_ROOT / "configs" / "llama2-7b" / f"{stage}.yaml").read_text())
         model, data, trainer = sft["model"]["init_args"], sft["data"]["init_args"], sft["trainer"]
         assert (model["lr"], model["weight_decay"], trainer["max_epochs"], data["max_seq_len"]) == (2e-5, 0.1, 2, 4096)
         assert data["batch_size"] * trainer["accumulate_grad_batches"] * trainer["devices"] == 64  # 3.1
+        assert trainer["strategy"]["init_args"]["param_dtype"] == "bfloat16" and trainer["precision"] == "32-true"
+        # GAtt: loss only on the last answer (3.3); the others train on every answer of the dialog.
+        assert data.get("loss_on", "all_assistant") == ("last_assistant" if stage == "gatt" else "all_assistant")
 
     for kind in ("helpfulness", "safety"):  # reward models, 3.2.2
         reward = yaml.safe_load((REPO_ROOT / "configs" / "llama2-7b" / f"reward_{kind}.yaml").read_text())

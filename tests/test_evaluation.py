@@ -10,7 +10,8 @@ import pytest
 
 from llama2_lit.data.oracle import Judgement
 from llama2_lit.evaluation import (
-    SUITES, Decoding, _standard_error, oracle_outcomes, results_markdown, suite_summary, win_rate,
+    SUITES, Decoding, _standard_error, adherence_by_turn, adversarial_violation, attack_vector_rows, count_by,
+    oracle_outcomes, rate_by, results_markdown, suite_summary, win_rate,
 )
 
 
@@ -38,6 +39,35 @@ def test_suite_summary_reports_the_standard_error_of_the_mean():
     assert summary["helpfulness"] == 0.5 and summary["accuracy"] == 0.5
     assert summary["helpfulness_se"] == pytest.approx(math.sqrt(1 / 3 / 4))  # sample variance 1/3, n = 4
     assert math.isnan(_standard_error([1.0]))
+    # the violation and false-refusal rates carry their spread too (a share of 0/1 outcomes)
+    rates = suite_summary([answer("p", 0.0, safe=False), answer("q", 1.0), answer("r", 1.0, refusal=True),
+                           answer("s", 1.0)])
+    assert (rates["violation"], rates["refusal"]) == (0.25, 0.25)
+    assert rates["violation_se"] == rates["refusal_se"] == pytest.approx(math.sqrt(0.25 / 4))  # variance 1/4, n = 4
+
+
+def test_adherence_by_turn_can_count_only_some_constraint_types():
+    rollouts = [[{"ok": {"signoff": True, "lowercase": False}}, {"ok": {"signoff": False, "lowercase": True}}],
+                [{"ok": {"lowercase": True}}, {"ok": {"lowercase": False}}]]
+    every = adherence_by_turn(rollouts)
+    assert every["all"] == {1: 0.5, 2: 0.0} and every["lowercase"] == {1: 0.5, 2: 0.5}
+    trained = adherence_by_turn(rollouts, types=("signoff",))
+    # the second dialog carries no trained type: it is left out, not counted as followed
+    assert trained == {"all": {1: 1.0, 2: 0.0}, "signoff": {1: 1.0, 2: 0.0}}
+
+
+def test_violation_by_attack_vector_pools_the_adversarial_prompts_and_marks_the_held_out_one():
+    results = [{**answer(f"p{i}", 0.0, safe=safe), "meta": {"attack_vector": vector}} for i, (vector, safe) in
+               enumerate([("direct", True), ("direct", False), ("misspelling", False), ("role_play", True),
+                          ("role_play", True), ("role_play", False)])]
+    model = {"violation_by_vector": rate_by(results, "attack_vector"),
+             "harmful_n_by_vector": count_by(results, "attack_vector")}
+    assert model["harmful_n_by_vector"] == {"direct": 2, "misspelling": 1, "role_play": 3, "all": 6}
+    assert adversarial_violation(model) == pytest.approx(2 / 4)  # direct requests left out
+    header, _, row = attack_vector_rows({"sft": model})
+    assert "| direct (n=2) |" in header and "| role play, held out (n=3) |" in header
+    assert "| metaphor (n=0) |" in header  # a vector absent from the suite still has its column
+    assert row == "| sft | 0.500 | - | - | 1.000 | - | 0.333 | - | 0.500 |"
 
 
 def test_results_markdown_has_one_row_per_model_and_judge():

@@ -12,8 +12,9 @@ from conftest import REPO_ROOT
 
 from llama2_lit.pipeline import (
     CHECKPOINT, DONE_FILE, STARTED_FILE, PipelineError, Stage, check_graph, downstream, fit_command,
-    markdown_to_html, plan, recipe, run_graph, select, stage_key,
+    plan, recipe, run_graph, select, stage_key,
 )
+from llama2_lit.report import markdown_to_html
 
 CALLS: list[str] = []
 
