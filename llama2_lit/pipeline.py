@@ -385,7 +385,7 @@ BUDGETS: dict[str, Budget] = {
                    context_distillation=_steps(10, 10) + (("--trainer.limit_val_batches", 2),),
                    rejection_sampling=_steps(10, 10) + (("--trainer.limit_val_batches", 2),
                                                          ("--trainer.check_val_every_n_epoch", "null")),
-                   rs_prompts=32, rs_samples=4, rs_temperature=0.8,
+                   rs_prompts=32, rs_samples=4,  # rs_temperature: None, the sweep picks it (Fig 8)
                    annotate_prompts=48, annotate_eval_prompts=48, gatt_dialogs=16, gatt_require_adherence=False,
                    gatt_eval_dialogs=16, distill_prompts=128,
                    eval_prompts=8, max_new_tokens=24, static_pairs=200),
