@@ -46,6 +46,28 @@ def test_there_are_configs_for_every_size_and_stage():
     assert {f"{size}/{stage}.yaml" for size in ("nano", "micro", "llama2-7b") for stage in stages} <= names
 
 
+def test_llama2_7b_stages_chain_through_each_others_run_folders():
+    """A 7B stage that starts from an earlier stage's checkpoint names the folder that stage writes to
+    (its ``run.dir``, or LightningCLI's default ``runs/<stage>-<preset>``)."""
+    import importlib
+
+    import yaml
+
+    written, read = set(), []
+    for path in sorted((REPO_ROOT / "configs" / "llama2-7b").glob("*.yaml")):
+        config = yaml.safe_load(path.read_text())
+        model = config["model"]
+        module, name = model["class_path"].rsplit(".", 1)
+        stage = getattr(getattr(importlib.import_module(module), name), "stage", "stage")
+        written.add((config.get("run") or {}).get("dir") or f"runs/{stage}-{model['init_args'].get('preset')}")
+        read += [(path.name, key, value) for key, value in model["init_args"].items()
+                 if key in ("init_from", "value_from", "reward_helpfulness", "reward_safety", "reference_from")
+                 and isinstance(value, str) and value.startswith("runs/")]
+    assert read, "no 7B stage reads another's checkpoint"
+    for name, key, value in read:
+        assert value.split("/checkpoints/")[0] in written, (name, key, value, sorted(written))
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda path: str(path.relative_to(REPO_ROOT / "configs")))
 def test_every_config_validates(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
