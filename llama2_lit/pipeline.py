@@ -531,11 +531,11 @@ def world_stage(stage_dir: Path, *, size: str = "default", seed: int = 0) -> dic
     return {"world": str(world), "tokenizer": str(tokenizer), "manifest": hashlib.sha256(manifest).hexdigest()[:16]}
 
 
-def _policy(checkpoint: str):
+def _policy(checkpoint: str, tokenizer: str | None = None):
     from llama2_lit.checkpoints import load_model
     from llama2_lit.tokenizer import Tokenizer
 
-    return load_model(checkpoint).eval(), Tokenizer(TOKENIZER)
+    return load_model(checkpoint).eval(), Tokenizer(tokenizer or TOKENIZER)
 
 
 def annotate_stage(stage_dir: Path, *, policy: str, prompts: str, eval_prompts: str, version: int, num_prompts: int,
@@ -586,13 +586,13 @@ def rejection_sampling_stage(stage_dir: Path, *, policy: str, rm_helpfulness: st
     return {key: value for key, value in summary.items() if key != "curves"} | {"curves": summary.get("curves")}
 
 
-def gatt_data_stage(stage_dir: Path, *, policy: str, dialogs: str, num_dialogs: int, require_adherence: bool,
-                    max_new_tokens: int) -> dict[str, Any]:
-    """Ghost Attention dialogs sampled from the latest RLHF model (``sampling.gatt``)."""
+def gatt_data_stage(stage_dir: Path, *, policy: str, dialogs: str, num_dialogs: int | None, require_adherence: bool,
+                    max_new_tokens: int, tokenizer: str | None = None) -> dict[str, Any]:
+    """Ghost Attention dialogs sampled from the latest RLHF model (``sampling.gatt``); also ``llama2-lit gatt``."""
     from llama2_lit.data.records import load_records, write_records
     from llama2_lit.sampling.gatt import synthesize_gatt_data
 
-    model, tokenizer = _policy(policy)
+    model, tokenizer = _policy(policy, tokenizer)
     records, summary = synthesize_gatt_data(model, tokenizer, load_records(dialogs, "chat")[:num_dialogs],
                                             max_new_tokens=max_new_tokens, require_adherence=require_adherence)
     # A dialog with an empty sampled answer is no chat record (an empty reply follows no instruction).
@@ -606,15 +606,15 @@ def gatt_data_stage(stage_dir: Path, *, policy: str, dialogs: str, num_dialogs: 
     return summary
 
 
-def context_distillation_stage(stage_dir: Path, *, policy: str, safety_rm: str, prompts: str, num_prompts: int,
-                               max_new_tokens: int) -> dict[str, Any]:
+def context_distillation_stage(stage_dir: Path, *, policy: str, safety_rm: str, prompts: str, num_prompts: int | None,
+                               max_new_tokens: int, tokenizer: str | None = None) -> dict[str, Any]:
     """Safety context distillation data on adversarial prompts, kept where the safety RM prefers the
-    distilled answer (``sampling.context_distillation``, Fig 16b)."""
+    distilled answer (``sampling.context_distillation``, Fig 16b); also ``llama2-lit distill``."""
     from llama2_lit.data.records import load_records, write_records
     from llama2_lit.reward_metrics import load_reward_model
     from llama2_lit.sampling.context_distillation import distill_safety_context
 
-    model, tokenizer = _policy(policy)
+    model, tokenizer = _policy(policy, tokenizer)
     adversarial = [r for r in load_records(prompts, "prompts") if r.get("is_safety")][:num_prompts]
     records, summary = distill_safety_context(model, load_reward_model(safety_rm), tokenizer, adversarial,
                                               max_new_tokens=max_new_tokens)

@@ -3,6 +3,7 @@ rule (section 4.2.4, Fig 16b), checked token by token."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -157,3 +158,32 @@ def test_distillation_trains_without_the_preprompt_and_keeps_what_the_safety_rm_
         rescored = torch.sigmoid(score_responses(safety_rm, tokenizer, [source["messages"]],
                                                  [record["messages"][-1]["content"]]))
         assert rescored.item() == pytest.approx(cd["score_with"], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------ the verbs
+def test_gatt_and_distill_verbs_write_the_stages_data(tokenizer, tmp_path, capsys):
+    """`llama2-lit gatt` and `llama2-lit distill` run the pipeline's data stages on any checkpoint."""
+    from llama2_lit.checkpoints import save_model
+    from llama2_lit.cli import run_verb
+    from llama2_lit.data.records import load_records, write_records
+
+    policy, safety_rm = tiny_model(tokenizer.vocab_size), tiny_model(tokenizer.vocab_size, scalar_head=True, seed=1)
+    policy_dir = save_model(policy, policy.config, tmp_path / "policy", tokenizer_path=tokenizer.path)
+    rm_dir = save_model(safety_rm, safety_rm.config, tmp_path / "rm", tokenizer_path=tokenizer.path)
+    write_records([gatt_record(), gatt_record(USERS[:2], ANSWERS[:2])], tmp_path / "dialogs.jsonl", "chat")
+    assert run_verb("gatt", [str(policy_dir), "--dialogs", str(tmp_path / "dialogs.jsonl"), "--out", str(tmp_path / "g"),
+                 "--keep-all", "--max-new-tokens", "4"]) == 0
+    records = load_records(tmp_path / "g" / "train.jsonl", "chat")
+    summary = json.loads((tmp_path / "g" / "summary.json").read_text())
+    assert summary["dialogs"] == 2 and summary["kept"] == 2 - summary["dropped_empty_answer"] == len(records)
+    assert all(r["messages"][0]["role"] == "system" for r in records)  # the instruction stays in the first turn
+
+    prompts = [{"messages": [{"role": "user", "content": f"Where does {n} live?"}], "is_safety": s, "meta": {}}
+               for n, s in (("Alice", True), ("Bob", False), ("Carol", True))]
+    write_records(prompts, tmp_path / "prompts.jsonl", "prompts")
+    code = run_verb("distill", [str(policy_dir), "--safety-rm", str(rm_dir), "--prompts", str(tmp_path / "prompts.jsonl"),
+                 "--out", str(tmp_path / "d"), "--max-new-tokens", "4"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert summary["prompts"] == 2  # the safety prompts only
+    assert len(load_records(tmp_path / "d" / "train.jsonl", "chat")) == summary["kept"] - summary["dropped_empty_answer"]

@@ -51,6 +51,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "reward-model tools (`llama2-lit reward score CKPT --data FILE`)"),
     "sample": ("llama2_lit.cli.sampling:sample_main",
                "rejection sampling: best-of-K samples scored by the reward models, pooled (paper 3.2.3)"),
+    "gatt": ("llama2_lit.cli.sampling:gatt_main",
+             "Ghost Attention data: dialogs sampled with the instruction on every turn, trained with it on the first (3.3)"),
+    "distill": ("llama2_lit.cli.sampling:distill_main",
+                "safety context distillation data: answers with a safety preprompt the safety RM prefers (4.2.4)"),
 }
 
 # The failures a user can cause (bad files, bad values); anything else is a bug and keeps its traceback.

@@ -98,3 +98,70 @@ def sample_main(argv: list[str] | None = None) -> int:
           f"-> {step_dir / 'best.jsonl'}; pool {len(pool)} -> {pool_path}; fine-tuning set {len(train)} "
           f"-> {step_dir / 'train.jsonl'}")
     return 0
+
+
+def _write_summary(out: Path, summary: dict) -> None:
+    partial = out / "summary.json.partial"
+    partial.write_text(json.dumps(summary, indent=1, default=str))
+    partial.replace(out / "summary.json")
+
+
+def gatt_main(argv: list[str] | None = None) -> int:
+    """Ghost Attention data (paper 3.3): each dialog's answers sampled turn by turn from the latest RLHF
+    model with the instruction concatenated to every user turn, written as training dialogs that keep
+    it in the first turn only, with the loss on the last answer. Then fine-tune on OUT/train.jsonl:
+    `llama2-lit fit --config configs/micro/gatt.yaml --data.init_args.train_files '[OUT/train.jsonl]'`."""
+    from llama2_lit.cli.common import resolve_tokenizer
+
+    parser = new_parser("gatt", gatt_main.__doc__)
+    parser.add_argument("checkpoint", type=Path, help="the model that samples the answers (a stage .ckpt or a model folder)")
+    parser.add_argument("--dialogs", type=Path, required=True,
+                        help="multi-turn chat records whose meta names their constraints (the toy world's gatt_train.jsonl)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for train.jsonl (chat records) and summary.json")
+    parser.add_argument("--num-dialogs", type=int, default=None, help="the first N dialogs (default: all)")
+    parser.add_argument("--keep-all", action="store_true",
+                        help="also keep dialogs whose sampled answers miss a constraint (default: drop them)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer per turn")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="default: the one the checkpoint records")
+    args = parser.parse_args(argv)
+
+    from llama2_lit.pipeline import gatt_data_stage
+
+    tokenizer = resolve_tokenizer(args.checkpoint, args.tokenizer)
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = gatt_data_stage(args.out, policy=str(args.checkpoint), dialogs=str(args.dialogs),
+                              num_dialogs=args.num_dialogs, require_adherence=not args.keep_all,
+                              max_new_tokens=args.max_new_tokens, tokenizer=str(tokenizer))
+    _write_summary(args.out, summary)
+    print(f"wrote {args.out / 'train.jsonl'}: {summary.get('kept')} of {summary.get('dialogs')} dialogs kept")
+    return 0
+
+
+def distill_main(argv: list[str] | None = None) -> int:
+    """Safety context distillation data (paper 4.2.4): answers to the harmful prompts sampled with and
+    without a safety preprompt; the prompt without the preprompt and the distilled answer are kept
+    where the safety RM scores the distilled answer higher (Fig 16b). Then fine-tune on OUT/train.jsonl
+    (`configs/micro/context_distillation.yaml`)."""
+    from llama2_lit.cli.common import resolve_tokenizer
+
+    parser = new_parser("distill", distill_main.__doc__)
+    parser.add_argument("checkpoint", type=Path, help="the model that answers (a stage .ckpt or a model folder)")
+    parser.add_argument("--safety-rm", type=Path, required=True, help="the safety reward model that filters")
+    parser.add_argument("--prompts", type=Path, required=True,
+                        help="prompt records; those marked is_safety are used (the toy world's rl_prompts_train.jsonl)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for train.jsonl (chat records) and summary.json")
+    parser.add_argument("--num-prompts", type=int, default=None, help="the first N safety prompts (default: all)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="default: the one the checkpoint records")
+    args = parser.parse_args(argv)
+
+    from llama2_lit.pipeline import context_distillation_stage
+
+    tokenizer = resolve_tokenizer(args.checkpoint, args.tokenizer)
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = context_distillation_stage(args.out, policy=str(args.checkpoint), safety_rm=str(args.safety_rm),
+                                         prompts=str(args.prompts), num_prompts=args.num_prompts,
+                                         max_new_tokens=args.max_new_tokens, tokenizer=str(tokenizer))
+    _write_summary(args.out, summary)
+    print(f"wrote {args.out / 'train.jsonl'}: {summary.get('kept')} of {summary.get('prompts')} distilled answers kept")
+    return 0
