@@ -28,8 +28,9 @@ starts, from the model's own (Meta-named) parameters, which it leaves untouched:
 
 The arithmetic is the model's, so greedy decoding gives the tokens of the model's own path (and
 of Hugging Face's); values differ in the last bits (fp32) or bf16 digit (bf16), as any reordering
-of a sum does. The fused weights are a copy, made per ``generate`` call and freed after it.
-Where the model must run as a module, ``FusedDecoder.supports`` says no and ``generate`` keeps
+of a sum does. The fused weights are a copy; ``fused_decoder`` keeps the last model's between
+``generate`` calls while none of its parameters has changed (building it costs ~10 decoding steps
+of the micro model), and only for models whose copy is small. Where the model must run as a module, ``FusedDecoder.supports`` says no and ``generate`` keeps
 the model's own path: FSDP-sharded models (their forward runs the all-gathers of FSDP's hooks)
 and calls under autocast (the model's path defines autocast's casts).
 """
@@ -37,6 +38,7 @@ and calls under autocast (the model's path defines autocast's casts).
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -51,26 +53,33 @@ def onednn_linear_available(device: torch.device) -> bool:
         hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+# oneDNN's reorder picks its blocked layout for an expected number of rows (any number works):
+# the layout for 16 rows measured fastest for 1 and 16 rows alike, and for a 750-row prefill.
+PACKED_ROWS = 16
+# The most bytes of fused weights ``fused_decoder`` keeps between calls (a course model's copy;
+# a large model's is rebuilt per call, a small cost next to its decoding steps).
+KEPT_BYTES = 1 << 30
+
+
 class FusedDecoder:
     """``prefill(prompt_ids, cache, padding_mask)`` and ``step(tokens, cache)``: next-token logits
     (fp32, one row per sequence) as ``model(..., cache=cache)[:, -1]`` computes them, cache advanced.
 
-    Args:
-        model: a ``Transformer`` with an LM head (see ``supports``).
-        batch_size: the expected number of rows per call (oneDNN's packing hint; any batch works).
+    Built from a ``Transformer`` with an LM head (see ``supports``); its parameters are read, not
+    kept: a later change to them is not seen (``fused_decoder`` rebuilds it then).
     """
 
-    def __init__(self, model: Transformer, batch_size: int = 16) -> None:
+    def __init__(self, model: Transformer) -> None:
         config = model.config
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.q_size, self.kv_size = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
-        self.hidden_dim, self.eps = config.hidden_dim, config.norm_eps
+        self.hidden_dim, self.eps, self.norm_shape = config.hidden_dim, config.norm_eps, (config.dim,)
+        self.qk_v, self.q_k = [self.q_size + self.kv_size, self.kv_size], [config.n_heads, config.n_kv_heads]
         params = {_plain_name(name): p.detach() for name, p in model.named_parameters()}
         self.embeddings = params["tok_embeddings.weight"]
         device = self.embeddings.device
-        # oneDNN's reorder picks its blocked layout for an expected number of rows; for one row
-        # and for 16 the layout chosen for 16 measured fastest (and every row count works).
-        self.packed_rows = max(batch_size, 16) if onednn_linear_available(device) else None
+        self.packed_rows = PACKED_ROWS if onednn_linear_available(device) else None
+        self._linear = _onednn_linear if self.packed_rows else F.linear
         self.layers = []
         for i in range(config.n_layers):
             p = {name.removeprefix(f"layers.{i}."): t for name, t in params.items() if name.startswith(f"layers.{i}.")}
@@ -106,34 +115,42 @@ class FusedDecoder:
         # for frozen linear layers; torch is pinned, and ``onednn_linear_available`` guards them.
         return torch.ops.mkldnn._reorder_linear_weight(weight, self.packed_rows)
 
-    def _linear(self, x: Tensor, weight: Tensor) -> Tensor:
-        if self.packed_rows is None:
-            return F.linear(x, weight)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-
     # ------------------------------------------------------------------------------ forward
     def step(self, tokens: Tensor, cache: KVCache) -> Tensor:
         """Logits (batch, vocab) after one new real token per row (``tokens``, shape (batch,))."""
         batch, past = tokens.shape[0], cache.length
         if past + 1 > cache.max_seq_len:
             raise ValueError(f"sequence of {past + 1} tokens exceeds the cache length of {cache.max_seq_len}")
-        rotation = self.freqs_cis[cache.n_real][:, None, :] * self.rotation_scale  # (batch, heads + kv, hd/2)
+        heads, kv_heads, head_dim, eps, linear = self.n_heads, self.n_kv_heads, self.head_dim, self.eps, self._linear
+        # Every layer's view of the cache in a few operators per step, not a few per layer: the
+        # slot this token writes, and the keys (transposed) and values it attends to.
         n_keys = past + 1
+        key_slots, value_slots = cache.keys.select(3, past).unbind(0), cache.values.select(3, past).unbind(0)
+        keys_t = cache.keys.narrow(3, 0, n_keys).transpose(-1, -2).unbind(0)  # (batch, kv_heads, head_dim, keys)
+        values = cache.values.narrow(3, 0, n_keys).unbind(0)
         bias = None
-        if cache.has_padding:
+        if cache.has_padding:  # padding slots stay masked: one -inf bias for every layer
             cache.key_mask[:, past] = True
             bias = torch.zeros(batch, 1, 1, n_keys, device=tokens.device, dtype=self.embeddings.dtype) \
                 .masked_fill_(~cache.key_mask[:, None, None, :n_keys], float("-inf"))
-        heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
-
-        def attend(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
-            q = q.view(batch, kv_heads, heads // kv_heads, head_dim)  # the query heads of each KV head
-            scores = q @ keys[:, :, :n_keys].transpose(-1, -2)  # (batch, kv_heads, rep, keys)
+        rotation = self.freqs_cis[cache.n_real][:, None, :] * self.rotation_scale  # (batch, heads + kv, hd/2)
+        x = F.embedding(tokens, self.embeddings)
+        fp32 = x.dtype == torch.float32  # no casts to dispatch (each operator counts here)
+        for layer_id, (attention_norm, wqkv, wo, ffn_norm, w13, w2) in enumerate(self.layers):
+            qk, v = linear(torch.rms_norm(x, self.norm_shape, attention_norm, eps), wqkv).split(self.qk_v, 1)
+            # Queries and keys rotated together, in fp32 (Meta's apply_rotary_emb), then cast back.
+            qk = qk.view(batch, heads + kv_heads, head_dim // 2, 2)
+            qk = torch.view_as_real(torch.view_as_complex(qk if fp32 else qk.float()) * rotation)
+            q, k = (qk if fp32 else qk.to(x.dtype)).view(batch, heads + kv_heads, head_dim).split(self.q_k, 1)
+            key_slots[layer_id].copy_(k)
+            value_slots[layer_id].copy_(v.view(batch, kv_heads, head_dim))
+            # The query heads of each KV head are its query rows: (batch, kv_heads, rep, keys).
+            scores = q.view(batch, kv_heads, heads // kv_heads, head_dim) @ keys_t[layer_id]
             if bias is not None:
                 scores = scores + bias
-            return (scores.softmax(-1) @ values[:, :, :n_keys]).view(batch, self.q_size)
-
-        x = self._layers(F.embedding(tokens, self.embeddings), rotation, cache, past, attend)
+            x = x + linear((scores.softmax(-1) @ values[layer_id]).view(batch, self.q_size), wo)
+            gate, up = linear(torch.rms_norm(x, self.norm_shape, ffn_norm, eps), w13).chunk(2, 1)
+            x = x + linear(F.silu(gate) * up, w2)
         cache.n_real += 1
         cache.length += 1
         return self._logits(x)
@@ -172,41 +189,57 @@ class FusedDecoder:
                                                  is_causal=mask is None, scale=1.0, enable_gqa=heads != kv_heads)
             return out.transpose(1, 2).reshape(batch * seq, self.q_size)
 
-        x = self._layers(F.embedding(prompt_ids.flatten(), self.embeddings), rotation, cache, 0, attend)
+        x = self._layers(F.embedding(prompt_ids.flatten(), self.embeddings), rotation, cache, attend)
         cache.length += seq
         return self._logits(x.view(batch, seq, -1)[:, -1])
 
-    def _layers(self, x: Tensor, rotation: Tensor, cache: KVCache, start: int, attend) -> Tensor:
-        """The blocks over ``x`` (rows, dim): rows are (batch, seq) flattened, written into the
-        cache at slots ``start, ..., start + seq - 1``; ``attend(q, keys, values)`` reads the cache."""
-        heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
-        batch, seq = cache.batch_size, x.shape[0] // cache.batch_size
-        fp32 = x.dtype == torch.float32  # no casts to dispatch (each operator counts here)
-        pairs = (batch, heads + kv_heads, head_dim // 2, 2) if seq == 1 else (batch, seq, heads + kv_heads, head_dim // 2, 2)
+    def _layers(self, x: Tensor, rotation: Tensor, cache: KVCache, attend) -> Tensor:
+        """The blocks over a prompt: ``x`` (batch * seq, dim), keys and values written into cache
+        slots ``0 ... seq - 1``; ``attend(q, keys, values)`` reads them."""
+        heads, kv_heads, head_dim, eps, linear = self.n_heads, self.n_kv_heads, self.head_dim, self.eps, self._linear
+        batch = cache.batch_size
+        seq = x.shape[0] // batch
         for layer_id, (attention_norm, wqkv, wo, ffn_norm, w13, w2) in enumerate(self.layers):
-            qkv = self._linear(F.rms_norm(x, (x.shape[-1],), attention_norm, self.eps), wqkv)
-            # Queries and keys rotated together, in fp32 (Meta's apply_rotary_emb), then cast back.
-            qk = qkv[:, :self.q_size + self.kv_size].view(*pairs)
-            qk = torch.view_as_real(torch.view_as_complex(qk if fp32 else qk.float()) * rotation).flatten(-2)
-            if not fp32:
-                qk = qk.to(x.dtype)
-            v = qkv[:, self.q_size + self.kv_size:].view(batch, seq, kv_heads, head_dim)
-            keys, values = cache.keys[layer_id], cache.values[layer_id]
-            if seq == 1:
-                keys[:, :, start] = qk[:, heads:]
-                values[:, :, start] = v[:, 0]
-                attended = attend(qk[:, :heads], keys, values)
-            else:
-                keys[:, :, start:start + seq] = qk[:, :, heads:].transpose(1, 2)
-                values[:, :, start:start + seq] = v.transpose(1, 2)
-                attended = attend(qk[:, :, :heads], keys, values)
-            x = x + self._linear(attended, wo)
-            h13 = self._linear(F.rms_norm(x, (x.shape[-1],), ffn_norm, self.eps), w13)
-            x = x + self._linear(F.silu(h13[:, :self.hidden_dim]) * h13[:, self.hidden_dim:], w2)
+            qk, v = linear(torch.rms_norm(x, self.norm_shape, attention_norm, eps), wqkv).split(self.qk_v, 1)
+            qk = torch.view_as_complex(qk.float().view(batch, seq, heads + kv_heads, head_dim // 2, 2))
+            q, k = torch.view_as_real(qk * rotation).flatten(-2).to(x.dtype).split(self.q_k, 2)
+            cache.keys[layer_id, :, :, :seq] = k.transpose(1, 2)
+            cache.values[layer_id, :, :, :seq] = v.view(batch, seq, kv_heads, head_dim).transpose(1, 2)
+            x = x + linear(attend(q, cache.keys[layer_id], cache.values[layer_id]), wo)
+            gate, up = linear(torch.rms_norm(x, self.norm_shape, ffn_norm, eps), w13).chunk(2, 1)
+            x = x + linear(F.silu(gate) * up, w2)
         return x
 
     def _logits(self, x: Tensor) -> Tensor:
-        return self._linear(F.rms_norm(x, (x.shape[-1],), self.norm, self.eps), self.output).float()
+        return self._linear(torch.rms_norm(x, self.norm_shape, self.norm, self.eps), self.output).float()
+
+
+def _onednn_linear(x: Tensor, packed_weight: Tensor) -> Tensor:
+    """``x @ W^T`` with ``W`` prepacked by ``torch.ops.mkldnn._reorder_linear_weight``."""
+    return torch.ops.mkldnn._linear_pointwise.default(x, packed_weight, None, "none", [], "")
+
+
+_kept: weakref.WeakKeyDictionary[Transformer, tuple[tuple, FusedDecoder]] = weakref.WeakKeyDictionary()
+
+
+def fused_decoder(model: Transformer) -> FusedDecoder:
+    """The ``FusedDecoder`` of ``model``: the one kept from the last call if no parameter has
+    changed since, else a new one (kept if its weights take at most ``KEPT_BYTES``).
+
+    A change is any in-place update of a parameter (an optimizer step, ``load_state_dict``, a
+    ``copy_`` under ``no_grad``: each bumps the tensor's version counter) or a new tensor in its
+    place (``.to(dtype)``, ``load_state_dict(assign=True)``). Only one model's decoder is kept,
+    and it is dropped with the model.
+    """
+    signature = tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
+    kept = _kept.get(model)
+    if kept is not None and kept[0] == signature:
+        return kept[1]
+    _kept.clear()  # free the old copy before building the new one
+    decoder = FusedDecoder(model)
+    if sum(p.numel() * p.element_size() for p in model.parameters()) <= KEPT_BYTES:
+        _kept[model] = (signature, decoder)
+    return decoder
 
 
 def _plain_name(name: str) -> str:

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llama2_lit.decoding import FusedDecoder
+from llama2_lit.decoding import FusedDecoder, fused_decoder
 from llama2_lit.model import KVCache, Transformer
 
 # Meta's defaults for chat and text completion (``llama/generation.py`` and its example scripts).
@@ -151,8 +151,8 @@ def sample_next_token(logits: Tensor, *, temperature: float, top_p: float = 1.0,
     """
     if temperature == 0:
         tokens = logits.argmax(dim=-1)
-        logprobs = logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
-        return tokens, logprobs
+        # log_softmax is one vectorised kernel; logsumexp on the CPU is several (max, sub, exp, ...).
+        return tokens, logits.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
     if uniforms is None:
         raise ValueError("sampling with temperature > 0 needs uniforms (one per row)")
     logprobs_all = (logits / temperature).log_softmax(dim=-1)
@@ -374,7 +374,7 @@ def _generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_toke
     # Prefill, then one step per token: fused and prepacked where that applies (``llama2_lit.decoding``),
     # else the model's own path. The LM head runs on the last position only.
     if FusedDecoder.supports(model):
-        decoder = FusedDecoder(model, batch)
+        decoder = fused_decoder(model)
         logits = decoder.prefill(prompt_ids, cache, prompt_mask if padded else None)
         next_logits = decoder.step
     else:

@@ -13,7 +13,7 @@ import transformers
 
 from llama2_lit.checkpoints import meta_to_hf_state_dict
 from llama2_lit.config import ModelConfig
-from llama2_lit.decoding import FusedDecoder, onednn_linear_available
+from llama2_lit.decoding import PACKED_ROWS, FusedDecoder, fused_decoder, onednn_linear_available
 from llama2_lit.generation import generate
 from llama2_lit.model import KVCache, Transformer
 
@@ -49,7 +49,7 @@ def test_prefill_and_steps_equal_the_models_own_path(n_kv_heads, padded):
         mask = torch.ones(3, 9, dtype=torch.long)
         mask[1, :6] = 0
         mask[2, :2] = 0
-    decoder = FusedDecoder(model, batch_size=3)
+    decoder = FusedDecoder(model)
     with torch.inference_mode():
         ours_cache, model_cache = caches(model, 3, 24)
         ours, reference = decoder.prefill(prompts, ours_cache, mask), model_path_logits(model, prompts, model_cache, mask)
@@ -76,7 +76,7 @@ def test_prefill_and_steps_equal_the_models_own_path(n_kv_heads, padded):
 def test_the_decoder_in_bf16_stays_within_bf16_rounding_of_the_models_path():
     model = tiny_model().to(torch.bfloat16)
     prompts = torch.randint(3, 320, (2, 8))
-    decoder = FusedDecoder(model, batch_size=2)
+    decoder = FusedDecoder(model)
     with torch.inference_mode():
         ours_cache, model_cache = caches(model, 2, 16)
         ours, reference = decoder.prefill(prompts, ours_cache), model_path_logits(model, prompts, model_cache)
@@ -108,7 +108,32 @@ def test_the_decoder_leaves_the_model_alone_and_refuses_what_it_does_not_compute
 
 
 def test_the_cpu_uses_prepacked_onednn_weights_where_torch_has_onednn():
-    assert FusedDecoder(tiny_model()).packed_rows == (16 if onednn_linear_available(torch.device("cpu")) else None)
+    assert FusedDecoder(tiny_model()).packed_rows == (PACKED_ROWS if onednn_linear_available(torch.device("cpu")) else None)
+
+
+def test_the_kept_decoder_is_rebuilt_after_any_change_to_the_parameters():
+    model = tiny_model()
+    first = fused_decoder(model)
+    assert fused_decoder(model) is first
+    greedy = dict(max_new_tokens=6, temperature=0.0, eos_id=None)
+    before = generate(model, PROMPTS, **greedy).response_ids
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # a training step changes the weights
+    model(torch.tensor([PROMPTS[0]])).sum().backward()
+    optimizer.step()
+    after_step = fused_decoder(model)
+    assert after_step is not first
+    stepped = generate(model, PROMPTS, **greedy).response_ids
+    model.zero_grad()
+
+    fresh = tiny_model()  # load_state_dict copies in place
+    model.load_state_dict(fresh.state_dict())
+    assert fused_decoder(model) is not after_step
+    assert torch.equal(generate(model, PROMPTS, **greedy).response_ids, generate(fresh, PROMPTS, **greedy).response_ids)
+    assert not torch.equal(stepped, before)  # the step changed what the model says, and generate saw it
+
+    model.to(torch.bfloat16)  # new tensors in place of the parameters
+    assert fused_decoder(model).embeddings.dtype == torch.bfloat16
 
 
 def hf_twin(model: Transformer) -> transformers.LlamaForCausalLM:
