@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment_line, hf_twin, interleaved_medians, print_table  # noqa: E402
 
 from llama2_lit.config import ModelConfig  # noqa: E402
+from llama2_lit.decoding import FusedDecoder  # noqa: E402
 from llama2_lit.generation import generate, sample_next_token  # noqa: E402
 from llama2_lit.model import KVCache, Transformer  # noqa: E402
 
@@ -109,19 +110,24 @@ def bench_vs_hf(model, hf, batch: int, mode: str, new_tokens: int, rounds: int, 
 
 
 def weight_matmuls(model: Transformer, batch: int, device: torch.device):
-    """One decode step's unavoidable work: every weight matrix times ``batch`` activation rows.
+    """One decode step's unavoidable work: every weight matrix times ``batch`` activation rows,
+    in our decoder's layout (``FusedDecoder``: fused QKV and w1/w3, oneDNN-prepacked on the CPU).
 
-    Any implementation that keeps fp32 weights and calls torch's matmul pays at least this per new
-    token (at batch 1 it is a memory-bandwidth bound: all weights are read once per step), so
-    ``HF time / this`` is the largest speed-up over HF that such an implementation can reach.
+    At batch 1 this is a memory-bandwidth bound (all weights are read once per step); at batch 16
+    on a CPU it is close to the matmul peak. ``HF time / this`` is the largest speed-up over HF
+    that our decoder could reach if everything but its matmuls were free.
     """
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = [torch.randn(batch, w.shape[1], device=device, dtype=w.dtype) for w in weights]
+    decoder = FusedDecoder(model)
+    dim, dtype = model.config.dim, next(model.parameters()).dtype
+    matmuls = [(dim, decoder.output)]  # (input width, weight)
+    for _, wqkv, wo, _, w13, w2 in decoder.layers:
+        matmuls += [(dim, wqkv), (decoder.q_size, wo), (dim, w13), (decoder.hidden_dim, w2)]
+    inputs = [(torch.randn(batch, width, device=device, dtype=dtype), weight) for width, weight in matmuls]
 
     def run():
         with torch.inference_mode():
-            for x, w in zip(inputs, weights):
-                torch.nn.functional.linear(x, w)
+            for x, weight in inputs:
+                decoder._linear(x, weight)
     return run
 
 
@@ -282,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(["size", "weights", "batch", "mode", "ours tok/s", "HF tok/s", "ours/HF", "ceiling", "same tokens"],
                 rows)
     print(f"ceiling: HF's time over the time of the weight matmuls alone ({args.new_tokens} steps of every weight "
-          "matrix times the batch's rows, in the weights' dtype) -- the largest ours/HF any implementation on "
-          "torch's matmul can reach here")
+          "matrix times the batch's rows, in the weights' dtype, in our decoder's fused and prepacked layout) -- "
+          "the largest ours/HF our decoder could reach if all but its matmuls were free")
 
     if not args.no_ragged:
         print(f"\nRagged batches (sampled, EOS at scattered steps, at most {args.new_tokens} tokens): "

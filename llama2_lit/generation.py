@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from llama2_lit.decoding import FusedDecoder, fused_decoder
 from llama2_lit.model import KVCache, Transformer
 
 # Meta's defaults for chat and text completion (``llama/generation.py`` and its example scripts).
@@ -150,8 +151,8 @@ def sample_next_token(logits: Tensor, *, temperature: float, top_p: float = 1.0,
     """
     if temperature == 0:
         tokens = logits.argmax(dim=-1)
-        logprobs = logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
-        return tokens, logprobs
+        # log_softmax is one vectorised kernel; logsumexp on the CPU is several (max, sub, exp, ...).
+        return tokens, logits.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
     if uniforms is None:
         raise ValueError("sampling with temperature > 0 needs uniforms (one per row)")
     logprobs_all = (logits / temperature).log_softmax(dim=-1)
@@ -370,9 +371,18 @@ def _generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_toke
 
     cache = KVCache(model.config, batch, prompt_len + max_new_tokens, device=device, dtype=dtype)
     padded = min(lengths) < prompt_len
-    # Prefill: the LM head only on the last position (the others' logits are never needed).
-    hidden = model.hidden_states(prompt_ids, attention_mask=prompt_mask if padded else None, cache=cache)
-    logits = model.output(hidden[:, -1]).float()
+    # Prefill, then one step per token: fused and prepacked where that applies (``llama2_lit.decoding``),
+    # else the model's own path. The LM head runs on the last position only.
+    if FusedDecoder.supports(model):
+        decoder = fused_decoder(model)
+        logits = decoder.prefill(prompt_ids, cache, prompt_mask if padded else None)
+        next_logits = decoder.step
+    else:
+        hidden = model.hidden_states(prompt_ids, attention_mask=prompt_mask if padded else None, cache=cache)
+        logits = model.output(hidden[:, -1]).float()
+
+        def next_logits(tokens: Tensor, cache: KVCache) -> Tensor:
+            return model.output(model.hidden_states(tokens[:, None], cache=cache)[:, -1]).float()
 
     # The decoding batch shrinks as rows finish: ``rows`` maps its rows to output rows (None while
     # it is still the whole batch, so the common case writes plain slices).
@@ -405,7 +415,7 @@ def _generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_toke
                     tokens, finished = tokens[keep], finished[keep]
                     uniforms = None if uniforms is None else uniforms[keep]
         if step + 1 < max_new_tokens:
-            logits = model.output(model.hidden_states(tokens[:, None], cache=cache)[:, -1]).float()
+            logits = next_logits(tokens, cache)
 
     response_ids, logprobs = response_ids[:, :steps], logprobs[:, :steps]
     if eos_id is None:
