@@ -131,24 +131,30 @@ class FusedDecoder:
         bias = None
         if cache.has_padding:  # padding slots stay masked: one -inf bias for every layer
             cache.key_mask[:, past] = True
-            bias = torch.zeros(batch, 1, 1, n_keys, device=tokens.device, dtype=self.embeddings.dtype) \
+            bias = torch.zeros(batch, 1, 1, n_keys, device=tokens.device) \
                 .masked_fill_(~cache.key_mask[:, None, None, :n_keys], float("-inf"))
         rotation = self.freqs_cis[cache.n_real][:, None, :] * self.rotation_scale  # (batch, heads + kv, hd/2)
         x = F.embedding(tokens, self.embeddings)
         fp32 = x.dtype == torch.float32  # no casts to dispatch (each operator counts here)
         for layer_id, (attention_norm, wqkv, wo, ffn_norm, w13, w2) in enumerate(self.layers):
             qk, v = linear(torch.rms_norm(x, self.norm_shape, attention_norm, eps), wqkv).split(self.qk_v, 1)
-            # Queries and keys rotated together, in fp32 (Meta's apply_rotary_emb), then cast back.
+            # Queries and keys rotated together, in fp32 (Meta's apply_rotary_emb); the cache
+            # write casts the keys back to the cache's dtype.
             qk = qk.view(batch, heads + kv_heads, head_dim // 2, 2)
             qk = torch.view_as_real(torch.view_as_complex(qk if fp32 else qk.float()) * rotation)
-            q, k = (qk if fp32 else qk.to(x.dtype)).view(batch, heads + kv_heads, head_dim).split(self.q_k, 1)
+            q, k = qk.view(batch, heads + kv_heads, head_dim).split(self.q_k, 1)
             key_slots[layer_id].copy_(k)
             value_slots[layer_id].copy_(v.view(batch, kv_heads, head_dim))
             # The query heads of each KV head are its query rows: (batch, kv_heads, rep, keys).
-            scores = q.view(batch, kv_heads, heads // kv_heads, head_dim) @ keys_t[layer_id]
+            # Attention is computed in fp32: the CPU's bf16 batched matmul copies its operands
+            # and is slower than converting them.
+            keys, vals = (keys_t[layer_id], values[layer_id]) if fp32 else \
+                (keys_t[layer_id].float(), values[layer_id].float())
+            scores = q.view(batch, kv_heads, heads // kv_heads, head_dim) @ keys
             if bias is not None:
                 scores = scores + bias
-            x = x + linear((scores.softmax(-1) @ values[layer_id]).view(batch, self.q_size), wo)
+            attended = (scores.softmax(-1) @ vals).view(batch, self.q_size)
+            x = x + linear(attended if fp32 else attended.to(x.dtype), wo)
             gate, up = linear(torch.rms_norm(x, self.norm_shape, ffn_norm, eps), w13).chunk(2, 1)
             x = x + linear(F.silu(gate) * up, w2)
         cache.n_real += 1
