@@ -8,7 +8,8 @@ starts, from the model's own (Meta-named) parameters, which it leaves untouched:
 
 * **Fused matmuls.** ``wq``, ``wk`` and ``wv`` are one ``(q + k + v, dim)`` matrix and ``w1``,
   ``w3`` one ``(2 * hidden, dim)`` matrix (the fusion inference engines make), so a layer runs 4
-  matmuls instead of 7.
+  matmuls instead of 7. In fp32 each RMSNorm's weight is folded into the columns of the matrix
+  that reads the norm (``(x * r * g) @ W^T == (x * r) @ (W * g)^T``).
 * **Prepacked weights on the CPU.** Where torch has oneDNN, each matrix is reordered once into
   oneDNN's blocked layout and multiplied by its linear kernel: on the AMD EPYC we measure on,
   that is ~2x faster than ``F.linear`` in fp32 (which goes to MKL) for one row, 16 rows and a
@@ -19,20 +20,23 @@ starts, from the model's own (Meta-named) parameters, which it leaves untouched:
 * **Grouped-query attention without repeating K/V** (paper A.2.1). In a decoding step the
   ``n_heads / n_kv_heads`` query heads that share a KV head are that head's query rows:
   ``(batch, kv_heads, rep, head_dim) @ (batch, kv_heads, head_dim, keys)``, a softmax, and one more
-  matmul (a fused attention kernel gains nothing for one query and is slower in bf16 on the CPU).
+  matmul (a fused attention kernel gains nothing for one query). It runs in fp32 for bf16 models
+  too: the CPU's bf16 batched matmul copies its operands and is slower than converting them.
   Padding adds one ``-inf`` bias per step, shared by every layer; unpadded batches need none. The
   prefill calls SDPA with ``enable_gqa``, as the model does.
-* **In-place cache writes** into the preallocated ``KVCache``, which stays the model's kind, so
-  ``KVCache.keep_rows`` (dropping finished rows) works as before. The prefill computes the LM
-  head at each row's last position only.
+* **Few operators per step.** The cache's per-layer views (the slot a token writes, the keys and
+  values it reads) are taken once per step for all layers; the cache writes are in place into
+  the preallocated ``KVCache``, which stays the model's kind, so ``KVCache.keep_rows`` (dropping
+  finished rows) works as before. The prefill computes the LM head at each row's last position only.
 
 The arithmetic is the model's, so greedy decoding gives the tokens of the model's own path (and
 of Hugging Face's); values differ in the last bits (fp32) or bf16 digit (bf16), as any reordering
 of a sum does. The fused weights are a copy; ``fused_decoder`` keeps the last model's between
-``generate`` calls while none of its parameters has changed (building it costs ~10 decoding steps
-of the micro model), and only for models whose copy is small. Where the model must run as a module, ``FusedDecoder.supports`` says no and ``generate`` keeps
-the model's own path: FSDP-sharded models (their forward runs the all-gathers of FSDP's hooks)
-and calls under autocast (the model's path defines autocast's casts).
+``generate`` calls while none of its parameters has changed (building it costs ~10 decoding
+steps of the micro model), and only for models whose copy is small. Where the model must run as
+a module, ``FusedDecoder.supports`` says no and ``generate`` keeps the model's own path:
+FSDP-sharded models (their forward runs the all-gathers of FSDP's hooks) and calls under
+autocast (the model's path defines autocast's casts).
 """
 
 from __future__ import annotations
@@ -80,19 +84,25 @@ class FusedDecoder:
         device = self.embeddings.device
         self.packed_rows = PACKED_ROWS if onednn_linear_available(device) else None
         self._linear = _onednn_linear if self.packed_rows else F.linear
+        # fp32: RMSNorm weights folded into the next matrix, and the normalisation is three
+        # vectorised operators (``_normalize``) instead of torch's composite rms_norm (~8).
+        self.fold_norms = self.embeddings.dtype == torch.float32
+        self.eps_tensor = torch.tensor(config.norm_eps, device=device)
         self.layers = []
         for i in range(config.n_layers):
             p = {name.removeprefix(f"layers.{i}."): t for name, t in params.items() if name.startswith(f"layers.{i}.")}
+            attention_norm, ffn_norm = p["attention_norm.weight"], p["ffn_norm.weight"]
             self.layers.append((
-                p["attention_norm.weight"],
-                self._matrix(p["attention.wq.weight"], p["attention.wk.weight"], p["attention.wv.weight"]),
+                None if self.fold_norms else attention_norm,
+                self._matrix(p["attention.wq.weight"], p["attention.wk.weight"], p["attention.wv.weight"],
+                             norm=attention_norm),
                 self._matrix(p["attention.wo.weight"]),
-                p["ffn_norm.weight"],
-                self._matrix(p["feed_forward.w1.weight"], p["feed_forward.w3.weight"]),
+                None if self.fold_norms else ffn_norm,
+                self._matrix(p["feed_forward.w1.weight"], p["feed_forward.w3.weight"], norm=ffn_norm),
                 self._matrix(p["feed_forward.w2.weight"]),
             ))
-        self.norm = params["norm.weight"]
-        self.output = self._matrix(params["output.weight"])
+        self.norm = None if self.fold_norms else params["norm.weight"]
+        self.output = self._matrix(params["output.weight"], norm=params["norm.weight"])
         self.freqs_cis = model.freqs_cis(device)
         # The attention scale, folded into the queries' rows of the rotation (the keys' stay 1).
         self.rotation_scale = torch.ones(self.n_heads + self.n_kv_heads, 1, device=device)
@@ -106,14 +116,25 @@ class FusedDecoder:
                 and not torch.is_autocast_enabled(parameter.device.type))
 
     # ------------------------------------------------------------------------------ weights
-    def _matrix(self, *weights: Tensor) -> Tensor:
-        """``weights`` stacked along the output dimension, prepacked for oneDNN where it is used."""
+    def _matrix(self, *weights: Tensor, norm: Tensor | None = None) -> Tensor:
+        """``weights`` stacked along the output dimension (times the weight of the RMSNorm before
+        them, when norms are folded), prepacked for oneDNN where it is used."""
         weight = torch.cat(weights) if len(weights) > 1 else weights[0].contiguous()
+        if norm is not None and self.fold_norms:
+            weight = weight * norm
         if self.packed_rows is None:
             return weight
         # Private operators: the oneDNN linear that torch.compile's CPU backend (inductor) emits
         # for frozen linear layers; torch is pinned, and ``onednn_linear_available`` guards them.
         return torch.ops.mkldnn._reorder_linear_weight(weight, self.packed_rows)
+
+    def _normalize(self, x: Tensor, weight: Tensor | None) -> Tensor:
+        """RMSNorm of ``x`` (rows, dim); times ``weight`` unless it is folded into the next matrix."""
+        if weight is not None:
+            return torch.rms_norm(x, self.norm_shape, weight, self.eps)
+        # x * rsqrt(mean(x^2) + eps), with mean(x^2) = |x|^2 / dim from one vectorised norm.
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        return x * torch.addcmul(self.eps_tensor, norm, norm, value=1.0 / x.shape[-1]).rsqrt_()
 
     # ------------------------------------------------------------------------------ forward
     def step(self, tokens: Tensor, cache: KVCache) -> Tensor:
@@ -137,7 +158,7 @@ class FusedDecoder:
         x = F.embedding(tokens, self.embeddings)
         fp32 = x.dtype == torch.float32  # no casts to dispatch (each operator counts here)
         for layer_id, (attention_norm, wqkv, wo, ffn_norm, w13, w2) in enumerate(self.layers):
-            qk, v = linear(torch.rms_norm(x, self.norm_shape, attention_norm, eps), wqkv).split(self.qk_v, 1)
+            qk, v = linear(self._normalize(x, attention_norm), wqkv).split(self.qk_v, 1)
             # Queries and keys rotated together, in fp32 (Meta's apply_rotary_emb); the cache
             # write casts the keys back to the cache's dtype.
             qk = qk.view(batch, heads + kv_heads, head_dim // 2, 2)
@@ -155,7 +176,7 @@ class FusedDecoder:
                 scores = scores + bias
             attended = (scores.softmax(-1) @ vals).view(batch, self.q_size)
             x = x + linear(attended if fp32 else attended.to(x.dtype), wo)
-            gate, up = linear(torch.rms_norm(x, self.norm_shape, ffn_norm, eps), w13).chunk(2, 1)
+            gate, up = linear(self._normalize(x, ffn_norm), w13).chunk(2, 1)
             x = x + linear(F.silu(gate) * up, w2)
         cache.n_real += 1
         cache.length += 1
@@ -206,18 +227,18 @@ class FusedDecoder:
         batch = cache.batch_size
         seq = x.shape[0] // batch
         for layer_id, (attention_norm, wqkv, wo, ffn_norm, w13, w2) in enumerate(self.layers):
-            qk, v = linear(torch.rms_norm(x, self.norm_shape, attention_norm, eps), wqkv).split(self.qk_v, 1)
+            qk, v = linear(self._normalize(x, attention_norm), wqkv).split(self.qk_v, 1)
             qk = torch.view_as_complex(qk.float().view(batch, seq, heads + kv_heads, head_dim // 2, 2))
             q, k = torch.view_as_real(qk * rotation).flatten(-2).to(x.dtype).split(self.q_k, 2)
             cache.keys[layer_id, :, :, :seq] = k.transpose(1, 2)
             cache.values[layer_id, :, :, :seq] = v.view(batch, seq, kv_heads, head_dim).transpose(1, 2)
             x = x + linear(attend(q, cache.keys[layer_id], cache.values[layer_id]), wo)
-            gate, up = linear(torch.rms_norm(x, self.norm_shape, ffn_norm, eps), w13).chunk(2, 1)
+            gate, up = linear(self._normalize(x, ffn_norm), w13).chunk(2, 1)
             x = x + linear(F.silu(gate) * up, w2)
         return x
 
     def _logits(self, x: Tensor) -> Tensor:
-        return self._linear(torch.rms_norm(x, self.norm_shape, self.norm, self.eps), self.output).float()
+        return self._linear(self._normalize(x, self.norm), self.output).float()
 
 
 def _onednn_linear(x: Tensor, packed_weight: Tensor) -> Tensor:
