@@ -120,7 +120,7 @@ def weight_matmuls(model: Transformer, batch: int, device: torch.device):
     decoder = FusedDecoder(model)
     dim, dtype = model.config.dim, next(model.parameters()).dtype
     matmuls = [(dim, decoder.output)]  # (input width, weight)
-    for _, wqkv, wo, _, w13, w2 in decoder.layers:
+    for wqkv, wo, w13, w2 in decoder.layers:
         matmuls += [(dim, wqkv), (decoder.q_size, wo), (dim, w13), (decoder.hidden_dim, w2)]
     inputs = [(torch.randn(batch, width, device=device, dtype=dtype), weight) for width, weight in matmuls]
 
