@@ -145,9 +145,9 @@ class FusedDecoder:
         key_slots, value_slots = cache.keys.select(3, past).unbind(0), cache.values.select(3, past).unbind(0)
         keys_t = cache.keys.narrow(3, 0, n_keys).transpose(-1, -2).unbind(0)  # (batch, kv_heads, head_dim, keys)
         values = cache.values.narrow(3, 0, n_keys).unbind(0)
+        cache.key_mask[:, past] = True
         bias = None
         if cache.has_padding:  # padding slots stay masked: one -inf bias for every layer
-            cache.key_mask[:, past] = True
             bias = torch.zeros(batch, 1, 1, n_keys, device=tokens.device) \
                 .masked_fill_(~cache.key_mask[:, None, None, :n_keys], float("-inf"))
         rotation = self.freqs_cis[cache.n_real][:, None, :] * self.rotation_scale  # (batch, heads + kv, hd/2)
@@ -179,59 +179,60 @@ class FusedDecoder:
         return self._logits(x)
 
     def prefill(self, prompt_ids: Tensor, cache: KVCache, padding_mask: Tensor | None = None) -> Tensor:
-        """Logits (batch, vocab) at the last position of each row of ``prompt_ids`` (batch, seq),
-        written into an empty ``cache``. ``padding_mask`` (batch, seq): 1 on real tokens (left
-        padding); None: every token is real."""
+        """Logits (batch, vocab) at the last real token of each row of ``prompt_ids`` (batch, seq),
+        written into an empty ``cache``. ``padding_mask`` (batch, seq): 1 on real tokens; None:
+        every token is real.
+
+        The blocks run on the real tokens only (a left-padded batch of ragged prompts is up to
+        half padding); attention reads them in the padded layout, where padding holds zeros,
+        is masked, and stays masked in the cache.
+        """
         batch, seq = prompt_ids.shape
         if cache.length != 0:
             raise ValueError("FusedDecoder.prefill starts from an empty cache")
         if seq > cache.max_seq_len:
             raise ValueError(f"sequence of {seq} tokens exceeds the cache length of {cache.max_seq_len}")
         device = prompt_ids.device
-        heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
+        heads, kv_heads, head_dim, linear = self.n_heads, self.n_kv_heads, self.head_dim, self._linear
         if padding_mask is None:
-            positions, mask = torch.arange(seq, device=device)[None], None
+            rows, mask = None, None  # every position of (batch * seq) is real
+            positions = torch.arange(seq, device=device).repeat(batch)
+            last = torch.arange(1, batch + 1, device=device) * seq - 1
             cache.key_mask[:, :seq] = True
             cache.n_real += seq
         else:
             # The model's rule (``Transformer.hidden_states``): positions count real tokens only;
-            # a query sees the real keys up to itself, and a padding query sees itself (its output
-            # is never read, but must not be NaN).
+            # a query sees the real keys up to itself, and a padding query sees itself.
             real = padding_mask.bool()
-            positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+            rows = real.flatten().nonzero().squeeze(1)
+            positions = (real.long().cumsum(-1) - 1).flatten()[rows]
+            last = real.sum(-1).cumsum(0) - 1  # each row's last real token, among the real ones
             causal = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
             mask = ((causal & real[:, None, :]) | torch.eye(seq, dtype=torch.bool, device=device))[:, None]
             cache.key_mask[:, :seq] = real
             cache.n_real += real.sum(-1)
             cache.has_padding = True
-        rotation = self.freqs_cis[positions][:, :, None, :] * self.rotation_scale  # (batch|1, seq, heads + kv, hd/2)
-
-        def attend(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
-            q = q.view(batch, seq, heads, head_dim).transpose(1, 2)
-            out = F.scaled_dot_product_attention(q, keys[:, :, :seq], values[:, :, :seq], attn_mask=mask,
-                                                 is_causal=mask is None, scale=1.0, enable_gqa=heads != kv_heads)
-            return out.transpose(1, 2).reshape(batch * seq, self.q_size)
-
-        x = self._layers(F.embedding(prompt_ids.flatten(), self.embeddings), rotation, cache, attend)
-        cache.length += seq
-        return self._logits(x.view(batch, seq, -1)[:, -1])
-
-    def _layers(self, x: Tensor, rotation: Tensor, cache: KVCache, attend) -> Tensor:
-        """The blocks over a prompt: ``x`` (batch * seq, dim), keys and values written into cache
-        slots ``0 ... seq - 1``; ``attend(q, keys, values)`` reads them."""
-        heads, kv_heads, head_dim, linear = self.n_heads, self.n_kv_heads, self.head_dim, self._linear
-        batch = cache.batch_size
-        seq = x.shape[0] // batch
+        rotation = self.freqs_cis[positions][:, None, :] * self.rotation_scale  # (tokens, heads + kv, hd/2)
+        ids = prompt_ids.flatten()
+        x = F.embedding(ids if rows is None else ids[rows], self.embeddings)  # (tokens, dim)
         for layer_id, (wqkv, wo, w13, w2) in enumerate(self.layers):
             qk, v = linear(self._normalize(x), wqkv).split(self.qk_v, 1)
-            qk = torch.view_as_complex(qk.float().view(batch, seq, heads + kv_heads, head_dim // 2, 2))
-            q, k = torch.view_as_real(qk * rotation).flatten(-2).to(x.dtype).split(self.q_k, 2)
-            cache.keys[layer_id, :, :, :seq] = k.transpose(1, 2)
-            cache.values[layer_id, :, :, :seq] = v.view(batch, seq, kv_heads, head_dim).transpose(1, 2)
-            x = x + linear(attend(q, cache.keys[layer_id], cache.values[layer_id]), wo)
+            qk = torch.view_as_complex(qk.float().view(-1, heads + kv_heads, head_dim // 2, 2))
+            qkv = torch.cat([torch.view_as_real(qk * rotation).flatten(1).to(x.dtype), v], 1)
+            if rows is not None:  # into the padded layout, zeros at padding
+                qkv = qkv.new_zeros(batch * seq, qkv.shape[1]).index_copy_(0, rows, qkv)
+            q, k, v = qkv.view(batch, seq, heads + 2 * kv_heads, head_dim).transpose(1, 2).split(
+                [heads, kv_heads, kv_heads], 1)
+            cache.keys[layer_id, :, :, :seq] = k
+            cache.values[layer_id, :, :, :seq] = v
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=1.0,
+                                                      enable_gqa=heads != kv_heads)
+            attended = attended.transpose(1, 2).reshape(batch * seq, self.q_size)
+            x = x + linear(attended if rows is None else attended[rows], wo)
             gate, up = linear(self._normalize(x), w13).chunk(2, 1)
             x = x + linear(F.silu(gate) * up, w2)
-        return x
+        cache.length += seq
+        return self._logits(x[last])
 
     def _logits(self, x: Tensor) -> Tensor:
         return self._linear(self._normalize(x), self.output).float()
