@@ -71,10 +71,11 @@ class FusedDecoder:
     (fp32, one row per sequence) as ``model(..., cache=cache)[:, -1]`` computes them, cache advanced.
 
     Built from a ``Transformer`` with an LM head (see ``supports``); its parameters are read, not
-    kept: a later change to them is not seen (``fused_decoder`` rebuilds it then).
+    kept: a later change to them is not seen (``fused_decoder`` rebuilds it then). ``prepack``:
+    use oneDNN's prepacked weights (default: where ``onednn_linear_available``), else ``F.linear``.
     """
 
-    def __init__(self, model: Transformer) -> None:
+    def __init__(self, model: Transformer, *, prepack: bool | None = None) -> None:
         config = model.config
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.q_size, self.kv_size = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
@@ -83,7 +84,9 @@ class FusedDecoder:
         params = {_plain_name(name): p.detach() for name, p in model.named_parameters()}
         self.embeddings = params["tok_embeddings.weight"]
         device = self.embeddings.device
-        self.packed_rows = PACKED_ROWS if onednn_linear_available(device) else None
+        if prepack and not onednn_linear_available(device):
+            raise ValueError(f"oneDNN's prepacked linear is not available on {device}")
+        self.packed_rows = PACKED_ROWS if (onednn_linear_available(device) if prepack is None else prepack) else None
         self._linear = _onednn_linear if self.packed_rows else F.linear
         # Each RMSNorm's weight is folded into the matrix that reads the norm (``_matrix``).
         self.eps_tensor = torch.tensor(config.norm_eps, device=device)
