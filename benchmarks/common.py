@@ -58,20 +58,27 @@ def matmul_peak_flops(n: int = MATMUL_N, dtype: torch.dtype = torch.float32, rep
     return 2 * n**3 / best
 
 
-def interleaved_times(contenders: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Seconds of each contender's call, calling them in turn (A, B, A, B, ...) ``rounds`` times."""
+def interleaved_times(contenders: dict[str, Callable[[], object]], rounds: int, *,
+                      clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Seconds of each contender's call, calling them in turn (A, B, A, B, ...) ``rounds`` times.
+
+    ``clock``: wall time by default; ``time.process_time`` counts this process's CPU time only,
+    which a single-threaded run on a crowded machine is not charged for while it waits for a core.
+    """
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, run in contenders.items():
-            start = time.perf_counter()
+            start = clock()
             run()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 
-def interleaved_medians(contenders: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+def interleaved_medians(contenders: dict[str, Callable[[], object]], rounds: int, *,
+                        clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median seconds of each contender's call, measured interleaved (see ``interleaved_times``)."""
-    return {name: statistics.median(values) for name, values in interleaved_times(contenders, rounds).items()}
+    times = interleaved_times(contenders, rounds, clock=clock)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def git_commit() -> str:

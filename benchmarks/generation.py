@@ -17,7 +17,9 @@ without dropping finished rows from the decoding batch (``generate(drop_finished
     python benchmarks/generation.py --sizes micro --batches 16 --profile
 
 On a shared machine use ``--threads 1``: with two OpenMP threads and other jobs running, a
-descheduled thread stalls every operator's barrier and timings swing by 10x.
+descheduled thread stalls every operator's barrier and timings swing by 10x. With one thread,
+``--clock cpu`` times this process's CPU time instead of wall time, so the time spent waiting for
+a core while other jobs run is charged to neither side (cache and memory contention still are).
 
 ``--profile`` adds, for our side, the operators dispatched per decode step (ours and HF's) and a
 torch.profiler table of where our decode time goes.
@@ -79,7 +81,8 @@ def build(size: str, device: torch.device):
     return model, hf
 
 
-def bench_vs_hf(model, hf, batch: int, mode: str, new_tokens: int, rounds: int, device: torch.device) -> list[str]:
+def bench_vs_hf(model, hf, batch: int, mode: str, new_tokens: int, rounds: int, device: torch.device,
+                clock=time.perf_counter) -> list[str]:
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     prompts = make_prompts(batch, model.config.vocab_size, seed=batch)
     ids, mask = left_pad(prompts, device)
@@ -103,7 +106,7 @@ def bench_vs_hf(model, hf, batch: int, mode: str, new_tokens: int, rounds: int, 
         f"{(hf_out[:, ids.shape[1]:] == ours_out.response_ids).float().mean().item():.3f}"
     floor = synchronized(weight_matmuls(model, batch, device), device)
     seconds = interleaved_medians({"ours": synchronized(ours, device), "hf": synchronized(theirs, device),
-                                   "floor": lambda: [floor() for _ in range(new_tokens)]}, rounds)
+                                   "floor": lambda: [floor() for _ in range(new_tokens)]}, rounds, clock=clock)
     ours_tps, hf_tps = batch * new_tokens / seconds["ours"], batch * new_tokens / seconds["hf"]
     return [model.config.name, dtype, str(batch), mode, f"{ours_tps:.0f}", f"{hf_tps:.0f}", f"{ours_tps / hf_tps:.2f}x",
             f"{seconds['hf'] / seconds['floor']:.2f}x", same]
@@ -120,7 +123,7 @@ def weight_matmuls(model: Transformer, batch: int, device: torch.device):
     decoder = FusedDecoder(model)
     dim, dtype = model.config.dim, next(model.parameters()).dtype
     matmuls = [(dim, decoder.output)]  # (input width, weight)
-    for _, wqkv, wo, _, w13, w2 in decoder.layers:
+    for wqkv, wo, w13, w2 in decoder.layers:
         matmuls += [(dim, wqkv), (decoder.q_size, wo), (dim, w13), (decoder.hidden_dim, w2)]
     inputs = [(torch.randn(batch, width, device=device, dtype=dtype), weight) for width, weight in matmuls]
 
@@ -142,7 +145,8 @@ def eos_prone(model: Transformer, eos_id: int, eos_logit: float) -> Transformer:
     return model
 
 
-def bench_ragged(size: str, batch: int, new_tokens: int, rounds: int, device: torch.device) -> list[str]:
+def bench_ragged(size: str, batch: int, new_tokens: int, rounds: int, device: torch.device,
+                 clock=time.perf_counter) -> list[str]:
     torch.manual_seed(0)
     model = eos_prone(Transformer(ModelConfig.from_name(size)).to(device).eval(), eos_id=2, eos_logit=4.0)
     prompts = make_prompts(batch, model.config.vocab_size, seed=batch)
@@ -154,7 +158,7 @@ def bench_ragged(size: str, batch: int, new_tokens: int, rounds: int, device: to
     out = run(True)()
     lengths = out.response_lengths.float()
     seconds = interleaved_medians({"keep": synchronized(run(False), device), "drop": synchronized(run(True), device)},
-                                  rounds)
+                                  rounds, clock=clock)
     useful = lengths.sum().item()
     return [size, str(batch), f"{lengths.mean():.0f} / {lengths.max():.0f}", f"{useful / seconds['keep']:.0f}",
             f"{useful / seconds['drop']:.0f}", f"{seconds['keep'] / seconds['drop']:.2f}x"]
@@ -214,21 +218,17 @@ def profile(size: str, batch: int, device: torch.device) -> None:
         fn()
         return time.perf_counter() - start
 
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = {m: torch.randn(batch, 1, m.in_features, device=device) for m in linears}
+    ours_matmuls = weight_matmuls(model, batch, device)
 
     def matmuls(n: int):
-        with torch.inference_mode():
-            for _ in range(n):
-                for m in linears:
-                    m(inputs[m])
+        for _ in range(n):
+            ours_matmuls()
 
     ours(2), theirs(2)
     ours_step, hf_step, matmul_step = step_time(ours), step_time(theirs), step_time(matmuls)
     print(f"\n[{size}, batch {batch}] one decode step (sampling): ours {ours_step * 1e6:.0f} us, "
-          f"HF {hf_step * 1e6:.0f} us;"
-          f" its {len(linears)} matmuls alone {matmul_step * 1e6:.0f} us, so no eager implementation with these matmuls"
-          f" beats HF by more than {hf_step / matmul_step:.1f}x")
+          f"HF {hf_step * 1e6:.0f} us; our decoder's matmuls alone {matmul_step * 1e6:.0f} us, so with these matmuls"
+          f" no implementation beats HF by more than {hf_step / matmul_step:.1f}x")
     print(f"[{size}, batch {batch}] aten operators per decode step (sampling):")
     for name, run in (("ours", ours), ("HF", theirs)):
         run(2)
@@ -237,13 +237,13 @@ def profile(size: str, batch: int, device: torch.device) -> None:
         print(f"  {name:<4} {sum(per_step.values()):5.0f}  ({top}, ...)")
 
     with torch.inference_mode():
+        decoder = FusedDecoder(model)  # generate's decoder for this model (see llama2_lit.decoding)
         cache = KVCache(model.config, batch, ids.shape[1] + 64, device=device)
-        model.hidden_states(ids, attention_mask=mask, cache=cache)
+        decoder.prefill(ids, cache, mask)
         tokens, uniforms = ids[:, -1], torch.rand(batch, device=device)
 
         def step():
-            logits = model.output(model.hidden_states(tokens[:, None], cache=cache)[:, -1]).float()
-            return sample_next_token(logits, temperature=0.7, top_p=1.0, uniforms=uniforms)
+            return sample_next_token(decoder.step(tokens, cache), temperature=0.7, top_p=1.0, uniforms=uniforms)
 
         step()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -264,17 +264,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timed runs per contender")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or this process's CPU time (use with --threads 1 on a shared machine)")
     parser.add_argument("--no-ragged", action="store_true", help="skip the ragged-batch table")
     parser.add_argument("--profile", action="store_true", help="count operators per decode step and profile ours")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and (torch.get_num_threads() != 1 or args.device != "cpu"):
+        parser.error("--clock cpu needs --threads 1 and --device cpu (CPU time sums the threads, idle OpenMP "
+                     "threads spin, and an accelerator's time is not the process's)")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     device = torch.device(args.device)
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"{environment_line()}, device {device}, load average {load}")
     print(f"{args.new_tokens} new tokens per row, EOS disabled on both sides; tokens/s = batch * new tokens / "
-          f"median time of {args.rounds} interleaved runs (prefill included)\n")
+          f"median {'CPU' if args.clock == 'cpu' else 'wall'} time of {args.rounds} interleaved runs "
+          "(prefill included)\n")
     rows = []
     for size in args.sizes:
         model, hf = build(size, device)
@@ -283,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                 (copy.deepcopy(model).to(getattr(torch, dtype)), copy.deepcopy(hf).to(getattr(torch, dtype)))
             for batch in args.batches:
                 for mode in args.modes:
-                    rows.append(bench_vs_hf(*pair, batch, mode, args.new_tokens, args.rounds, device))
+                    rows.append(bench_vs_hf(*pair, batch, mode, args.new_tokens, args.rounds, device, clock))
                     print(f"  done: {' '.join(rows[-1])}", file=sys.stderr, flush=True)
     print_table(["size", "weights", "batch", "mode", "ours tok/s", "HF tok/s", "ours/HF", "ceiling", "same tokens"],
                 rows)
@@ -294,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_ragged:
         print(f"\nRagged batches (sampled, EOS at scattered steps, at most {args.new_tokens} tokens): "
               "finished rows kept in the batch vs dropped from it; tok/s counts generated tokens")
-        rows = [bench_ragged(size, 16, args.new_tokens, args.rounds, device) for size in args.sizes]
+        rows = [bench_ragged(size, 16, args.new_tokens, args.rounds, device, clock) for size in args.sizes]
         print_table(["size", "batch", "mean / max length", "keep tok/s", "drop tok/s", "drop speed-up"], rows)
 
     if args.profile:

@@ -25,12 +25,14 @@ must be exact *and* fast:
 * **Fast.** The prompt is encoded once (one prefill pass, the LM head applied to its last position
   only); each decode step is one single-token forward pass plus a handful of tensor ops for
   sampling; outputs are preallocated; the host waits on the device only to ask "has every row
-  finished?" (every step on CPU, every ``stop_check_interval`` steps on accelerators). A decode
-  step takes the model's lean single-token path (``Transformer.hidden_states`` with a cache): no
-  attention mask unless the batch was padded, no position arithmetic. For large models, generate
-  with bf16 weights (``load_model(..., dtype=torch.bfloat16)``, ``--dtype bfloat16``): the KV cache
-  follows the weights' dtype and halves the memory traffic per step; logits and sampling stay
-  fp32 (``benchmarks/generation.py`` times both).
+  finished?" (every step on CPU, every ``stop_check_interval`` steps on accelerators). Both
+  passes run through ``llama2_lit.decoding.FusedDecoder`` (fused and, on the CPU, oneDNN-prepacked
+  weights; few operators per step) where it applies, else through the model itself
+  (``Transformer.hidden_states`` with a cache: FSDP-sharded models, calls under autocast); the
+  tokens are the same. For large models, generate with bf16 weights
+  (``load_model(..., dtype=torch.bfloat16)``, ``--dtype bfloat16``): the KV cache follows the
+  weights' dtype and halves the memory traffic per step; logits and sampling stay fp32
+  (``benchmarks/generation.py`` times both against Hugging Face).
 """
 
 from __future__ import annotations
