@@ -100,10 +100,19 @@ def sample_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _write_summary(out: Path, summary: dict) -> None:
-    partial = out / "summary.json.partial"
+def _run_data_stage(stage, args, **params) -> dict:
+    """One of the pipeline's data stages (``gatt_data_stage``, ``context_distillation_stage``) on
+    ``args.checkpoint``, writing OUT/train.jsonl and OUT/summary.json (atomically)."""
+    from llama2_lit.cli.common import resolve_tokenizer
+
+    tokenizer = resolve_tokenizer(args.checkpoint, args.tokenizer)
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = stage(args.out, policy=str(args.checkpoint), max_new_tokens=args.max_new_tokens,
+                    tokenizer=str(tokenizer), **params)
+    partial = args.out / "summary.json.partial"
     partial.write_text(json.dumps(summary, indent=1, default=str))
-    partial.replace(out / "summary.json")
+    partial.replace(args.out / "summary.json")
+    return summary
 
 
 def gatt_main(argv: list[str] | None = None) -> int:
@@ -111,8 +120,6 @@ def gatt_main(argv: list[str] | None = None) -> int:
     model with the instruction concatenated to every user turn, written as training dialogs that keep
     it in the first turn only, with the loss on the last answer. Then fine-tune on OUT/train.jsonl:
     `llama2-lit fit --config configs/micro/gatt.yaml --data.init_args.train_files '[OUT/train.jsonl]'`."""
-    from llama2_lit.cli.common import resolve_tokenizer
-
     parser = new_parser("gatt", gatt_main.__doc__)
     parser.add_argument("checkpoint", type=Path, help="the model that samples the answers (a stage .ckpt or a model folder)")
     parser.add_argument("--dialogs", type=Path, required=True,
@@ -127,12 +134,8 @@ def gatt_main(argv: list[str] | None = None) -> int:
 
     from llama2_lit.pipeline import gatt_data_stage
 
-    tokenizer = resolve_tokenizer(args.checkpoint, args.tokenizer)
-    args.out.mkdir(parents=True, exist_ok=True)
-    summary = gatt_data_stage(args.out, policy=str(args.checkpoint), dialogs=str(args.dialogs),
-                              num_dialogs=args.num_dialogs, require_adherence=not args.keep_all,
-                              max_new_tokens=args.max_new_tokens, tokenizer=str(tokenizer))
-    _write_summary(args.out, summary)
+    summary = _run_data_stage(gatt_data_stage, args, dialogs=str(args.dialogs), num_dialogs=args.num_dialogs,
+                              require_adherence=not args.keep_all)
     print(f"wrote {args.out / 'train.jsonl'}: {summary.get('kept')} of {summary.get('dialogs')} dialogs kept")
     return 0
 
@@ -142,8 +145,6 @@ def distill_main(argv: list[str] | None = None) -> int:
     without a safety preprompt; the prompt without the preprompt and the distilled answer are kept
     where the safety RM scores the distilled answer higher (Fig 16b). Then fine-tune on OUT/train.jsonl
     (`configs/micro/context_distillation.yaml`)."""
-    from llama2_lit.cli.common import resolve_tokenizer
-
     parser = new_parser("distill", distill_main.__doc__)
     parser.add_argument("checkpoint", type=Path, help="the model that answers (a stage .ckpt or a model folder)")
     parser.add_argument("--safety-rm", type=Path, required=True, help="the safety reward model that filters")
@@ -157,11 +158,7 @@ def distill_main(argv: list[str] | None = None) -> int:
 
     from llama2_lit.pipeline import context_distillation_stage
 
-    tokenizer = resolve_tokenizer(args.checkpoint, args.tokenizer)
-    args.out.mkdir(parents=True, exist_ok=True)
-    summary = context_distillation_stage(args.out, policy=str(args.checkpoint), safety_rm=str(args.safety_rm),
-                                         prompts=str(args.prompts), num_prompts=args.num_prompts,
-                                         max_new_tokens=args.max_new_tokens, tokenizer=str(tokenizer))
-    _write_summary(args.out, summary)
+    summary = _run_data_stage(context_distillation_stage, args, safety_rm=str(args.safety_rm),
+                              prompts=str(args.prompts), num_prompts=args.num_prompts)
     print(f"wrote {args.out / 'train.jsonl'}: {summary.get('kept')} of {summary.get('prompts')} distilled answers kept")
     return 0
