@@ -28,8 +28,8 @@ must be exact *and* fast:
   finished?" (every step on CPU, every ``stop_check_interval`` steps on accelerators). Both
   passes run through ``llama2_lit.decoding.FusedDecoder`` (fused and, on the CPU, oneDNN-prepacked
   weights; few operators per step) where it applies, else through the model itself
-  (``Transformer.hidden_states`` with a cache: FSDP-sharded models, calls under autocast); the
-  tokens are the same. For large models, generate with bf16 weights
+  (``Transformer.hidden_states`` with a cache: FSDP-sharded models, calls under autocast,
+  ``fused=False``); the tokens are the same. For large models, generate with bf16 weights
   (``load_model(..., dtype=torch.bfloat16)``, ``--dtype bfloat16``): the KV cache follows the
   weights' dtype and halves the memory traffic per step; logits and sampling stay fp32
   (``benchmarks/generation.py`` times both against Hugging Face).
@@ -250,7 +250,7 @@ def generate(model: Transformer, prompts: Prompts, *, max_new_tokens: int,
              temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P, eos_id: int | None,
              generator: Seed = None, stop_check_interval: int | None = None,
              drop_finished: bool = True, attention_mask: Tensor | None = None,
-             num_samples: int = 1) -> GenerationOutput:
+             num_samples: int = 1, fused: bool | None = None) -> GenerationOutput:
     """Sample continuations of a batch of prompts with the KV cache.
 
     Args:
@@ -279,6 +279,8 @@ def generate(model: Transformer, prompts: Prompts, *, max_new_tokens: int,
             by prompt (rows ``i * num_samples`` to ``(i + 1) * num_samples - 1`` answer prompt
             ``i``); per-row seeds (``generator``) are then one per sample, in that order
             (``SampleSeeds`` makes them).
+        fused: run the passes through ``llama2_lit.decoding.FusedDecoder`` (default: where
+            ``FusedDecoder.supports(model)``); False: through the model's own modules (to compare).
 
     Returns:
         A ``GenerationOutput``; its tensors live on the model's device and are ordinary tensors
@@ -312,6 +314,10 @@ def generate(model: Transformer, prompts: Prompts, *, max_new_tokens: int,
         raise ValueError(f"eos_id={eos_id} is outside the vocabulary [0, {vocab_size})")
     if model.output is None:
         raise ValueError("generate needs a Transformer with an LM head (lm_head=True)")
+    if fused is None:
+        fused = FusedDecoder.supports(model)
+    elif fused and not FusedDecoder.supports(model):
+        raise ValueError("FusedDecoder does not compute this model's generation here (see FusedDecoder.supports)")
 
     parameter = next(model.parameters())
     device = parameter.device
@@ -320,7 +326,7 @@ def generate(model: Transformer, prompts: Prompts, *, max_new_tokens: int,
         stop_check_interval = 1 if device.type == "cpu" else 8
     with torch.inference_mode():
         out = _generate(model, prompts, max_new_tokens, temperature, top_p, eos_id, uniforms,
-                        stop_check_interval, drop_finished, device, parameter.dtype)
+                        stop_check_interval, drop_finished, device, parameter.dtype, fused)
     # Inference tensors cannot enter autograd later (PPO feeds these ids to a training forward).
     return GenerationOutput(**{k: v.clone() if isinstance(v, Tensor) else v for k, v in out.items()},
                             num_samples=num_samples)
@@ -355,7 +361,7 @@ def prompt_lists(prompts: Prompts, attention_mask: Tensor | None = None) -> list
 
 def _generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
               top_p: float, eos_id: int | None, uniforms: Tensor | None, stop_check_interval: int,
-              drop_finished: bool, device: torch.device, dtype: torch.dtype) -> dict:
+              drop_finished: bool, device: torch.device, dtype: torch.dtype, fused: bool) -> dict:
     batch = len(prompts)
     lengths = [len(p) for p in prompts]
     prompt_len = max(lengths)
@@ -374,17 +380,18 @@ def _generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_toke
     cache = KVCache(model.config, batch, prompt_len + max_new_tokens, device=device, dtype=dtype)
     padded = min(lengths) < prompt_len
     # Prefill, then one step per token: fused and prepacked where that applies (``llama2_lit.decoding``),
-    # else the model's own path. The LM head runs on the last position only.
-    if FusedDecoder.supports(model):
+    # else the model's own path. The LM head runs on the last position only (in fp32 under
+    # autocast on both paths, as the model's forward computes it).
+    if fused:
         decoder = fused_decoder(model)
         logits = decoder.prefill(prompt_ids, cache, prompt_mask if padded else None)
         next_logits = decoder.step
     else:
         hidden = model.hidden_states(prompt_ids, attention_mask=prompt_mask if padded else None, cache=cache)
-        logits = model.output(hidden[:, -1]).float()
+        logits = model.logits(hidden[:, -1])
 
         def next_logits(tokens: Tensor, cache: KVCache) -> Tensor:
-            return model.output(model.hidden_states(tokens[:, None], cache=cache)[:, -1]).float()
+            return model.logits(model.hidden_states(tokens[:, None], cache=cache)[:, -1])
 
     # The decoding batch shrinks as rows finish: ``rows`` maps its rows to output rows (None while
     # it is still the whole batch, so the common case writes plain slices).
