@@ -27,9 +27,9 @@ must be exact *and* fast:
   sampling; outputs are preallocated; the host waits on the device only to ask "has every row
   finished?" (every step on CPU, every ``stop_check_interval`` steps on accelerators). Both
   passes run through ``llama2_lit.decoding.FusedDecoder`` (fused and, on the CPU, oneDNN-prepacked
-  weights; few operators per step) where it applies, else through the model itself
-  (``Transformer.hidden_states`` with a cache: FSDP-sharded models, calls under autocast,
-  ``fused=False``); the tokens are the same. For large models, generate with bf16 weights
+  weights; few operators per step) where it applies, under CPU bf16 autocast too, else through
+  the model itself (``Transformer.hidden_states`` with a cache: FSDP-sharded models, other
+  autocasts, ``fused=False``); the tokens are the same. For large models, generate with bf16 weights
   (``load_model(..., dtype=torch.bfloat16)``, ``--dtype bfloat16``): the KV cache follows the
   weights' dtype and halves the memory traffic per step; logits and sampling stay fp32
   (``benchmarks/generation.py`` times both against Hugging Face).

@@ -2,7 +2,9 @@
 
 Greedy decoding through it gives the tokens of the model's own single-token path, of full forward
 passes without a cache (``test_generation.py``) and of Hugging Face's ``generate`` on the same
-weights, token for token.
+weights, token for token. Under CPU bf16 autocast (Lightning's ``bf16-mixed``, where PPO, Ghost
+Attention and context distillation generate) it computes the model's autocast path: bf16 block
+matmuls on bf16 copies of the weights, rounded where the model's path rounds.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import transformers
 
 from llama2_lit.checkpoints import meta_to_hf_state_dict
 from llama2_lit.config import ModelConfig
-from llama2_lit.decoding import PACKED_ROWS, FusedDecoder, fused_decoder, onednn_linear_available
+from llama2_lit.decoding import PACKED_ROWS, FusedDecoder, ambient_matmul_dtype, fused_decoder, onednn_linear_available
 from llama2_lit.generation import generate
 from llama2_lit.model import KVCache, Transformer
 
@@ -92,6 +94,97 @@ def test_the_decoder_in_bf16_stays_within_bf16_rounding_of_the_models_path(prepa
             ours, reference = decoder.step(tokens, ours_cache), model_path_logits(model, tokens, model_cache)
 
 
+def with_trained_norms(model: Transformer) -> Transformer:
+    """Norm weights away from their init of 1, as a trained model's are (they are not folded into
+    the bf16 matrices, so this checks where they are applied)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.uniform_(0.5, 1.5)
+    return model
+
+
+def bf16_autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("prepack", [None, False], ids=["default", "F.linear"])
+@pytest.mark.parametrize("n_kv_heads", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_under_bf16_autocast_prefill_and_steps_equal_the_models_autocast_path(n_kv_heads, padded, prepack):
+    model = with_trained_norms(tiny_model(n_kv_heads))
+    prompts = torch.randint(3, 320, (3, 9))
+    mask = None
+    if padded:
+        mask = torch.ones(3, 9, dtype=torch.long)
+        mask[1, :6] = 0
+        mask[2, :2] = 0
+    with torch.inference_mode(), bf16_autocast():
+        decoder = FusedDecoder(model, prepack=prepack, matmul_dtype=ambient_matmul_dtype(model.output.weight))
+        assert decoder.layers[0][0].dtype == torch.bfloat16 and decoder.output.dtype == torch.float32  # head in fp32
+        ours_cache, model_cache = caches(model, 3, 24)
+        ours = decoder.prefill(prompts, ours_cache, mask)
+        reference = model_path_logits(model, prompts, model_cache, mask)
+        row_differences, scale = [(ours - reference).abs().amax(-1)], reference.abs().max().item()
+        tokens = reference.argmax(-1)
+        for _ in range(12):
+            ours, reference = decoder.step(tokens, ours_cache), model_path_logits(model, tokens, model_cache)
+            assert ours.dtype == torch.float32 and ours_cache.keys.dtype == torch.float32
+            row_differences.append((ours - reference).abs().amax(-1))
+            tokens = reference.argmax(-1)
+        with torch.autocast("cpu", enabled=False):  # the model's fp32 path, for scale
+            fp32_logits = FusedDecoder(model).prefill(prompts, caches(model, 3, 24)[0], mask)
+        autocast_logits = decoder.prefill(prompts, caches(model, 3, 24)[0], mask)
+    row_differences = torch.cat(row_differences)
+    # The bf16 roundings are the model's autocast path's, so most rows agree to fp32 reordering
+    # (<= 7e-7 measured). An fp32 difference (another order of a sum) that lands on a bf16
+    # rounding's midpoint flips one bf16 digit, and the cache keeps that row different: measured
+    # over the 8 cases, 6 have no such row, 2 have one of 3 rows (from its prefill on), with at
+    # most 0.0025 * max |logit|; the fp32 logits differ from the autocast ones by 0.006-0.008 of it.
+    assert (row_differences <= 1e-5).float().mean().item() >= 0.6
+    assert row_differences.max().item() <= 0.004 * scale
+    # ... so the arithmetic is bf16's, with the model's roundings.
+    assert (fp32_logits - autocast_logits).abs().max().item() >= 0.004 * scale
+
+
+def test_greedy_generation_under_bf16_autocast_gives_the_tokens_of_the_models_autocast_path():
+    torch.manual_seed(0)
+    model = with_trained_norms(Transformer(ModelConfig.from_name("nano")).eval())
+    generator = torch.Generator().manual_seed(1)
+    prompts = [[1] + torch.randint(3, model.config.vocab_size, (int(n),), generator=generator).tolist()
+               for n in torch.randint(4, 30, (8,), generator=generator)]
+    greedy = dict(max_new_tokens=48, temperature=0.0, eos_id=None)
+    with bf16_autocast():
+        assert FusedDecoder.supports(model)
+        fused = generate(model, prompts, **greedy)
+        modules = generate(model, prompts, **greedy, fused=False)
+    fp32 = generate(model, prompts, **greedy)
+    # Measured: all 8 x 48 tokens equal (here, and on the micro preset with the same prompts);
+    # the log-probs equal to 1e-5 for 96% of the tokens, within 7e-5 (a flipped bf16 digit, see
+    # above) for the rest; micro: 40% and 2.2e-3.
+    assert fused.response_ids.tolist() == modules.response_ids.tolist()
+    assert (fused.logprobs - modules.logprobs).abs().max().item() <= 1e-3
+    # Not the fp32 numbers: bf16's roundings move the log-probs by far more (0.25 measured).
+    assert (fused.logprobs - fp32.logprobs).abs().max().item() > 1e-2
+    assert len({tuple(row) for row in fused.response_ids.tolist()}) == 8
+
+
+def test_a_fused_decoder_is_kept_per_matmul_dtype_and_rebuilt_when_the_weights_change():
+    model = tiny_model()
+    fp32 = fused_decoder(model)
+    with bf16_autocast():
+        mixed = fused_decoder(model)
+        assert fused_decoder(model) is mixed
+    assert mixed is not fp32 and mixed.matmul_dtype == torch.bfloat16 and fp32.matmul_dtype == torch.float32
+    assert fused_decoder(model) is fp32  # an fp32 call after a bf16 one: its own decoder, not the bf16 one
+    with torch.no_grad():
+        model.output.weight.mul_(2.0)
+    with bf16_autocast():
+        assert fused_decoder(model) is not mixed
+    assert fused_decoder(model) is not fp32
+
+
 def test_the_decoder_leaves_the_model_alone_and_refuses_what_it_does_not_compute():
     model = tiny_model()
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
@@ -100,8 +193,15 @@ def test_the_decoder_leaves_the_model_alone_and_refuses_what_it_does_not_compute
     assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
     assert FusedDecoder.supports(model)
     assert not FusedDecoder.supports(Transformer(model.config, lm_head=False, scalar_head=True))
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the model's own path defines autocast's casts
+    with bf16_autocast():  # computed: bf16 block matmuls, as the model's autocast path
+        assert FusedDecoder.supports(model) and FusedDecoder.supports(model.to(torch.bfloat16))
+    model.float()
+    with torch.autocast("cpu", dtype=torch.float16):  # not computed: the model's own path
         assert not FusedDecoder.supports(model)
+    with pytest.raises(ValueError, match="only bf16 on fp32"):
+        FusedDecoder(model, matmul_dtype=torch.float16)
+    with torch.autocast("cpu", dtype=torch.float16), pytest.raises(ValueError, match="does not compute"):
+        generate(model, PROMPTS, max_new_tokens=2, temperature=0.0, eos_id=None, fused=True)
     cache = KVCache(model.config, 1, 4)
     with pytest.raises(ValueError, match="exceeds the cache length of 4"):
         FusedDecoder(model).prefill(torch.ones(1, 5, dtype=torch.long), cache)
@@ -166,3 +266,23 @@ def test_greedy_generation_equals_hugging_face_generate_token_for_token(n_kv_hea
                              pad_token_id=0, use_cache=True)
     assert ours.response_ids.tolist() == theirs[:, width:].tolist()
     assert len({tuple(row) for row in ours.response_ids.tolist()}) == 3  # not one degenerate answer
+
+
+def test_fsdp_sharded_models_keep_the_models_own_path_with_or_without_autocast():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from llama2_lit.parallelize import apply_fsdp
+
+    # One process is a world of one: FSDP2 still makes the parameters DTensors, and the forward
+    # still runs FSDP's hooks, which the fused decoder would bypass.
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        model = tiny_model()
+        apply_fsdp(model, init_device_mesh("cpu", (1,)))
+        assert hasattr(next(model.parameters()), "to_local")
+        assert not FusedDecoder.supports(model)
+        with bf16_autocast():
+            assert not FusedDecoder.supports(model)
+    finally:
+        dist.destroy_process_group()
