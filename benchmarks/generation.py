@@ -9,8 +9,13 @@ shared. Greedy runs also check that both produce the same tokens.
 ``--dtypes float32 bfloat16`` (the default) runs every comparison twice: with fp32 weights and KV
 cache on both sides, and with bf16 ones (``model.to(torch.bfloat16)`` and the same for HF; logits
 and sampling stay fp32 on our side), the option for models whose weights dominate memory traffic.
+``--dtypes bf16-mixed`` adds fp32 weights with both sides under ``torch.autocast(device, bfloat16)``:
+how PPO, Ghost Attention and context distillation generate inside a ``bf16-mixed`` trainer.
 
-A second table times ragged batches (rows stop at different steps, as in RLHF rollouts) with and
+A second table times ``generate`` through ``FusedDecoder`` against the model's own modules
+(``generate(..., fused=False)``), greedy, in each of those precisions, and checks their tokens agree.
+
+A third table times ragged batches (rows stop at different steps, as in RLHF rollouts) with and
 without dropping finished rows from the decoding batch (``generate(drop_finished=...)``).
 
     python benchmarks/generation.py                      # micro + mini, batch 1 and 16, greedy + sampling
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import copy
 import os
 import sys
@@ -42,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment_line, hf_twin, interleaved_medians, print_table  # noqa: E402
 
 from llama2_lit.config import ModelConfig  # noqa: E402
-from llama2_lit.decoding import FusedDecoder  # noqa: E402
+from llama2_lit.decoding import FusedDecoder, fused_decoder  # noqa: E402
 from llama2_lit.generation import generate, sample_next_token  # noqa: E402
 from llama2_lit.model import KVCache, Transformer  # noqa: E402
 
@@ -81,9 +87,21 @@ def build(size: str, device: torch.device):
     return model, hf
 
 
+def precision(dtype: str, device: torch.device):
+    """The context generation runs in: bf16 autocast for ``bf16-mixed`` (as Lightning's), else none."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16-mixed" else contextlib.nullcontext()
+
+
+def within(context_factory, fn):
+    def run():
+        with context_factory():
+            return fn()
+    return run
+
+
 def bench_vs_hf(model, hf, batch: int, mode: str, new_tokens: int, rounds: int, device: torch.device,
-                clock=time.perf_counter) -> list[str]:
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+                clock=time.perf_counter, dtype: str = "float32") -> list[str]:
+    context = lambda: precision(dtype, device)  # noqa: E731
     prompts = make_prompts(batch, model.config.vocab_size, seed=batch)
     ids, mask = left_pad(prompts, device)
     temperature = 0.0 if mode == "greedy" else 0.7
@@ -99,12 +117,14 @@ def bench_vs_hf(model, hf, batch: int, mode: str, new_tokens: int, rounds: int, 
             return hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=None,
                                pad_token_id=0, use_cache=True, **hf_sampling)
 
+    ours, theirs = within(context, ours), within(context, theirs)
     ours_out, hf_out = ours(), theirs()  # warm-up (allocator, MKL/oneDNN plans); also the parity check
     assert ours_out.response_ids.shape == (batch, new_tokens), ours_out.response_ids.shape
     assert hf_out.shape == (batch, ids.shape[1] + new_tokens), hf_out.shape
     same = "n/a" if mode != "greedy" else \
         f"{(hf_out[:, ids.shape[1]:] == ours_out.response_ids).float().mean().item():.3f}"
-    floor = synchronized(weight_matmuls(model, batch, device), device)
+    with context():
+        floor = synchronized(weight_matmuls(model, batch, device), device)
     seconds = interleaved_medians({"ours": synchronized(ours, device), "hf": synchronized(theirs, device),
                                    "floor": lambda: [floor() for _ in range(new_tokens)]}, rounds, clock=clock)
     ours_tps, hf_tps = batch * new_tokens / seconds["ours"], batch * new_tokens / seconds["hf"]
@@ -114,24 +134,47 @@ def bench_vs_hf(model, hf, batch: int, mode: str, new_tokens: int, rounds: int, 
 
 def weight_matmuls(model: Transformer, batch: int, device: torch.device):
     """One decode step's unavoidable work: every weight matrix times ``batch`` activation rows,
-    in our decoder's layout (``FusedDecoder``: fused QKV and w1/w3, oneDNN-prepacked on the CPU).
+    in our decoder's layout (``FusedDecoder``: fused QKV and w1/w3, oneDNN-prepacked on the CPU)
+    and dtypes (under bf16 autocast: bf16 blocks, fp32 head), the decoder ``generate`` uses now.
 
     At batch 1 this is a memory-bandwidth bound (all weights are read once per step); at batch 16
     on a CPU it is close to the matmul peak. ``HF time / this`` is the largest speed-up over HF
     that our decoder could reach if everything but its matmuls were free.
     """
-    decoder = FusedDecoder(model)
-    dim, dtype = model.config.dim, next(model.parameters()).dtype
+    decoder = fused_decoder(model)
+    dim = model.config.dim
     matmuls = [(dim, decoder.output)]  # (input width, weight)
     for wqkv, wo, w13, w2 in decoder.layers:
         matmuls += [(dim, wqkv), (decoder.q_size, wo), (dim, w13), (decoder.hidden_dim, w2)]
-    inputs = [(torch.randn(batch, width, device=device, dtype=dtype), weight) for width, weight in matmuls]
+    inputs = [(torch.randn(batch, width, device=device, dtype=weight.dtype), weight) for width, weight in matmuls]
 
     def run():
         with torch.inference_mode():
             for x, weight in inputs:
                 decoder._linear(x, weight)
     return run
+
+
+def bench_own_path(model, batch: int, new_tokens: int, rounds: int, device: torch.device,
+                   clock=time.perf_counter, dtype: str = "float32") -> list[str]:
+    """Greedy ``generate`` through ``FusedDecoder`` (where ``FusedDecoder.supports``) against the
+    model's own modules (``fused=False``), in ``dtype``'s precision."""
+    prompts = make_prompts(batch, model.config.vocab_size, seed=batch)
+    context = lambda: precision(dtype, device)  # noqa: E731
+
+    def run(fused: bool):
+        return within(context, lambda: generate(model, prompts, max_new_tokens=new_tokens, temperature=0.0,
+                                                eos_id=None, fused=fused))
+
+    with context():
+        fused_used = FusedDecoder.supports(model)
+    fused_out, modules_out = run(True)(), run(False)()
+    same = (fused_out.response_ids == modules_out.response_ids).float().mean().item()
+    seconds = interleaved_medians({"fused": synchronized(run(True), device),
+                                   "modules": synchronized(run(False), device)}, rounds, clock=clock)
+    tps = {name: batch * new_tokens / s for name, s in seconds.items()}
+    return [model.config.name, dtype, str(batch), f"{tps['fused']:.0f}", f"{tps['modules']:.0f}",
+            f"{seconds['modules'] / seconds['fused']:.2f}x", f"{same:.3f}", "yes" if fused_used else "no"]
 
 
 def eos_prone(model: Transformer, eos_id: int, eos_logit: float) -> Transformer:
@@ -259,14 +302,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", default=["micro", "mini"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--modes", nargs="+", choices=["greedy", "sample"], default=["greedy", "sample"])
-    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"],
-                        help="weights and KV cache of both sides")
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "bf16-mixed"],
+                        default=["float32", "bfloat16"],
+                        help="weights and KV cache of both sides; bf16-mixed: fp32 ones under bf16 autocast")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timed runs per contender")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall time, or this process's CPU time (use with --threads 1 on a shared machine)")
     parser.add_argument("--no-ragged", action="store_true", help="skip the ragged-batch table")
+    parser.add_argument("--no-own-path", action="store_true",
+                        help="skip the table of FusedDecoder against the model's own modules")
     parser.add_argument("--profile", action="store_true", help="count operators per decode step and profile ours")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -282,21 +328,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.new_tokens} new tokens per row, EOS disabled on both sides; tokens/s = batch * new tokens / "
           f"median {'CPU' if args.clock == 'cpu' else 'wall'} time of {args.rounds} interleaved runs "
           "(prefill included)\n")
-    rows = []
+    rows, own_rows = [], []
     for size in args.sizes:
         model, hf = build(size, device)
         for dtype in args.dtypes:
-            pair = (model, hf) if dtype == "float32" else \
+            pair = (model, hf) if dtype in ("float32", "bf16-mixed") else \
                 (copy.deepcopy(model).to(getattr(torch, dtype)), copy.deepcopy(hf).to(getattr(torch, dtype)))
             for batch in args.batches:
                 for mode in args.modes:
-                    rows.append(bench_vs_hf(*pair, batch, mode, args.new_tokens, args.rounds, device, clock))
+                    rows.append(bench_vs_hf(*pair, batch, mode, args.new_tokens, args.rounds, device, clock, dtype))
                     print(f"  done: {' '.join(rows[-1])}", file=sys.stderr, flush=True)
+                if not args.no_own_path:
+                    own_rows.append(bench_own_path(pair[0], batch, args.new_tokens, args.rounds, device, clock, dtype))
+                    print(f"  done: {' '.join(own_rows[-1])}", file=sys.stderr, flush=True)
     print_table(["size", "weights", "batch", "mode", "ours tok/s", "HF tok/s", "ours/HF", "ceiling", "same tokens"],
                 rows)
     print(f"ceiling: HF's time over the time of the weight matmuls alone ({args.new_tokens} steps of every weight "
-          "matrix times the batch's rows, in the weights' dtype, in our decoder's fused and prepacked layout) -- "
+          "matrix times the batch's rows, in the dtypes, fused and prepacked layout of the decoder generate uses) -- "
           "the largest ours/HF our decoder could reach if all but its matmuls were free")
+
+    if own_rows:
+        print("\nOurs through FusedDecoder against the model's own modules (generate(..., fused=False)), greedy")
+        print_table(["size", "weights", "batch", "fused tok/s", "modules tok/s", "fused speed-up", "same tokens",
+                     "fused used"], own_rows)
 
     if not args.no_ragged:
         print(f"\nRagged batches (sampled, EOS at scattered steps, at most {args.new_tokens} tokens): "
