@@ -41,17 +41,23 @@ def caches(model: Transformer, batch: int, length: int) -> tuple[KVCache, KVCach
     return KVCache(model.config, batch, length, dtype=dtype), KVCache(model.config, batch, length, dtype=dtype)
 
 
+def ragged_prompts(padded: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Three 9-token prompts; ``padded``: rows 1 and 2 left-padded by 6 and 2 (else no mask)."""
+    prompts = torch.randint(3, 320, (3, 9))
+    if not padded:
+        return prompts, None
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, :6] = 0
+    mask[2, :2] = 0
+    return prompts, mask
+
+
 @pytest.mark.parametrize("prepack", [None, False], ids=["default", "F.linear"])
 @pytest.mark.parametrize("n_kv_heads", [4, 2], ids=["mha", "gqa"])
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
 def test_prefill_and_steps_equal_the_models_own_path(n_kv_heads, padded, prepack):
     model = tiny_model(n_kv_heads)
-    prompts = torch.randint(3, 320, (3, 9))
-    mask = None
-    if padded:
-        mask = torch.ones(3, 9, dtype=torch.long)
-        mask[1, :6] = 0
-        mask[2, :2] = 0
+    prompts, mask = ragged_prompts(padded)
     decoder = FusedDecoder(model, prepack=prepack)  # False: the path of devices without oneDNN (GPUs)
     with torch.inference_mode():
         ours_cache, model_cache = caches(model, 3, 24)
@@ -114,12 +120,7 @@ def bf16_autocast():
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
 def test_under_bf16_autocast_prefill_and_steps_equal_the_models_autocast_path(n_kv_heads, padded, prepack):
     model = with_trained_norms(tiny_model(n_kv_heads))
-    prompts = torch.randint(3, 320, (3, 9))
-    mask = None
-    if padded:
-        mask = torch.ones(3, 9, dtype=torch.long)
-        mask[1, :6] = 0
-        mask[2, :2] = 0
+    prompts, mask = ragged_prompts(padded)
     with torch.inference_mode(), bf16_autocast():
         decoder = FusedDecoder(model, prepack=prepack, matmul_dtype=ambient_matmul_dtype(model.output.weight))
         assert decoder.layers[0][0].dtype == torch.bfloat16 and decoder.output.dtype == torch.float32  # head in fp32
