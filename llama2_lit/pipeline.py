@@ -595,10 +595,6 @@ def gatt_data_stage(stage_dir: Path, *, policy: str, dialogs: str, num_dialogs: 
     model, tokenizer = _policy(policy, tokenizer)
     records, summary = synthesize_gatt_data(model, tokenizer, load_records(dialogs, "chat")[:num_dialogs],
                                             max_new_tokens=max_new_tokens, require_adherence=require_adherence)
-    # A dialog with an empty sampled answer is no chat record (an empty reply follows no instruction).
-    kept = [r for r in records if all(m["content"].strip() for m in r["messages"] if m["role"] == "assistant")]
-    summary["dropped_empty_answer"] = len(records) - len(kept)
-    records = kept
     if not records:
         raise PipelineError(f"no Ghost Attention dialog met its constraints ({summary}); sample more dialogs or "
                            "turn the adherence filter off (Budget.gatt_require_adherence)")

@@ -519,8 +519,8 @@ def adherence_section(gatt: dict[str, Any] | None, adherence: dict[str, Any], di
     if gatt is not None:
         by_turn = gatt["sample_adherence_by_turn"]
         lines += [f"{gatt['dialogs']} dialogs sampled from the PPO model with the instruction on every user turn; "
-                  f"{gatt['kept'] - gatt.get('dropped_empty_answer', 0)} kept for training "
-                  f"({gatt.get('dropped_empty_answer', 0)} dropped for an empty answer). Constraint adherence of "
+                  f"{gatt['kept']} kept for training ({gatt.get('ended_at_empty_answer', 0)} ended before "
+                  "the turn where the model gave an empty answer). Constraint adherence of "
                   "the sampled answers by turn:", "",
                   "| turn | " + " | ".join(str(t) for t in by_turn) + " |", "|---|" + "---|" * len(by_turn),
                   "| adherence | " + " | ".join(fmt(v) for v in by_turn.values()) + " |"]

@@ -123,6 +123,23 @@ def test_synthesis_samples_turn_by_turn_deterministically_and_filters_on_the_las
     assert summary["sample_adherence_by_turn"] == {1: 0.0, 2: 0.0, 3: 0.0}
 
 
+def test_a_dialog_ends_at_its_first_empty_answer(tokenizer):
+    """A model that answers every prompt with EOS at once gives no answer at turn 1: each dialog
+    ends before it and is dropped, and the summary says so (no empty chat turns are written)."""
+    model = tiny_model(tokenizer.vocab_size)
+    with torch.no_grad():  # the residual stream is the token's embedding, the same for every token
+        for block in model.layers:
+            block.attention.wo.weight.zero_()
+            block.feed_forward.w2.weight.zero_()
+        model.tok_embeddings.weight.fill_(1.0)
+        model.output.weight.zero_()
+        model.output.weight[tokenizer.eos_id] = 100.0
+    records, summary = synthesize_gatt_data(model, tokenizer, [gatt_record(), gatt_record()], max_new_tokens=4,
+                                            require_adherence=False)
+    assert records == [] and summary["kept"] == 0 and summary["ended_at_empty_answer"] == 2
+    assert summary["sample_adherence_by_turn"] == {}
+
+
 # ------------------------------------------------------------------------------------ context distillation
 def test_keep_rule_keeps_only_strict_improvements():
     with_pre = torch.tensor([0.9, 0.4, 0.5, 0.2])
@@ -175,7 +192,7 @@ def test_gatt_and_distill_verbs_write_the_stages_data(tokenizer, tmp_path, capsy
                  "--keep-all", "--max-new-tokens", "4"]) == 0
     records = load_records(tmp_path / "g" / "train.jsonl", "chat")
     summary = json.loads((tmp_path / "g" / "summary.json").read_text())
-    assert summary["dialogs"] == 2 and summary["kept"] == 2 - summary["dropped_empty_answer"] == len(records)
+    assert summary["dialogs"] == 2 and summary["kept"] == len(records) >= 2 - summary["ended_at_empty_answer"]
     assert all(r["messages"][0]["role"] == "system" for r in records)  # the instruction stays in the first turn
 
     prompts = [{"messages": [{"role": "user", "content": f"Where does {n} live?"}], "is_safety": s, "meta": {}}

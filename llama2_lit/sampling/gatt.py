@@ -116,11 +116,14 @@ def synthesize_gatt_data(model: Transformer, tokenizer: Tokenizer, records: Sequ
     Answers are generated turn by turn for all dialogs at once (turn ``t`` of every dialog that
     has one, in batches), each from ``sampling_messages``; the records hold ``training_messages``
     and ``meta["gatt"]`` (the instruction, its form, and whether each sampled answer met the
-    constraints). The summary counts dialogs, kept dialogs and per-turn adherence of the samples.
+    constraints). A dialog ends at its first empty answer (an empty reply follows no instruction
+    and is no chat turn); one without any answer is dropped. The summary counts dialogs, kept
+    dialogs, dialogs ended early and per-turn adherence of the samples.
     """
     dialogs = gatt_dialogs(records, short_probability=short_probability, seed=seed)
     room = model.config.max_seq_len - max_new_tokens
     adherent: list[list[bool]] = [[] for _ in dialogs]
+    ended_early = 0
     for turn in range(max((len(d.users) for d in dialogs), default=0)):
         active = [i for i, d in enumerate(dialogs) if len(d.users) > turn]
         for start in range(0, len(active), batch_size):
@@ -131,12 +134,16 @@ def synthesize_gatt_data(model: Transformer, tokenizer: Tokenizer, records: Sequ
                            eos_id=tokenizer.eos_id, generator=[turn_seed(seed, i, turn) for i in rows])
             for i, ids in zip(rows, out.response_tokens()):
                 answer = tokenizer.decode(ids).strip()
+                if not answer:  # the model stopped answering: the dialog ends before this turn
+                    dialogs[i].users = dialogs[i].users[:turn]
+                    ended_early += 1
+                    continue
                 dialogs[i].answers.append(answer)
                 adherent[i].append(not failed_constraints(dialogs[i].specs, answer))
 
     out_records, kept = [], 0
     for dialog, flags in zip(dialogs, adherent):
-        if require_adherence and not flags[-1]:
+        if not flags or (require_adherence and not flags[-1]):
             continue
         kept += 1
         meta = {**dialog.meta, "gatt": {"instruction": dialog.instruction, "short": dialog.short,
@@ -147,6 +154,6 @@ def synthesize_gatt_data(model: Transformer, tokenizer: Tokenizer, records: Sequ
     for flags in adherent:
         for turn, ok in enumerate(flags, start=1):
             by_turn.setdefault(turn, []).append(ok)
-    summary = {"dialogs": len(dialogs), "kept": kept,
+    summary = {"dialogs": len(dialogs), "kept": kept, "ended_at_empty_answer": ended_early,
                "sample_adherence_by_turn": {t: sum(v) / len(v) for t, v in sorted(by_turn.items())}}
     return out_records, summary
