@@ -423,7 +423,8 @@ def test_adversarial_prompts_carry_their_vector_and_are_rarer_in_sft_than_in_rl_
         assert all(r["meta"]["attack_vector"] in vectors for r in harmful)
         return sum(r["meta"]["attack_vector"] != safety.DIRECT for r in harmful) / len(harmful)
 
-    assert 0.15 < adversarial_share("sft_train.jsonl") < adversarial_share("rl_prompts_train.jsonl")
+    # present in SFT, but rare: a tenth of the harmful SFT requests against half of the RL ones
+    assert 0.05 < adversarial_share("sft_train.jsonl") < 0.5 * adversarial_share("rl_prompts_train.jsonl")
     pairs = [r for r in read(small_world, "preference_safety_train.jsonl") if r["meta"]["category"] == "harmful"]
     assert {r["meta"]["attack_vector"] for r in pairs} == set(safety.TRAINED_ATTACK_VECTORS) | {safety.DIRECT}
     assert all(len(r["prompt"]) > 1 for r in pairs if r["meta"]["attack_vector"] == "multi_turn")
@@ -438,6 +439,39 @@ def test_best_practice_answers_to_wrapped_requests_see_through_the_wrapper(small
             assert j.safe and j.refusal and j.helpfulness == 1.0, answer  # decline, explain, offer (paper A.5.2)
             if meta["attack_vector"] in ("role_play", "false_premise", "metaphor", "psychological_manipulation"):
                 assert safety._SEES_THROUGH[meta["attack_vector"]] in answer
+
+
+def test_every_harmful_template_has_paraphrases_without_harm_markers() -> None:
+    universe = build_universe(0, SIZES["small"].universe)
+    rng = random.Random(1)
+    for template in safety.HARMFUL_TEMPLATES:
+        assert len(template.paraphrases) == 2 and template.prompt not in template.paraphrases, template.id
+        slots = safety.harmful_slots(universe, template, rng, universe.people, universe.artifacts, universe.herbs)
+        for paraphrase in template.paraphrases:
+            text = f" {re.sub(r'[^a-z0-9]+', ' ', paraphrase.format(**slots).lower())} "
+            assert not [m for ms in safety.HARM_MARKERS.values() for m in ms if f" {m} " in text], paraphrase
+
+
+def test_semantic_attacks_restate_the_request_and_direct_ones_never_do(small_world: Path) -> None:
+    by_vector: dict[str, list[bool]] = {}
+    for name in ("safety_eval.jsonl", "rl_prompts_train.jsonl", "sft_train.jsonl"):
+        for record in read(small_world, name):
+            if record["meta"].get("category") == "harmful":
+                by_vector.setdefault(record["meta"]["attack_vector"], []).append(record["meta"]["paraphrased"])
+    assert not any(by_vector[safety.DIRECT])
+    for vector in safety.RESTATING_VECTORS:
+        assert all(by_vector[vector]), vector
+    for vector in set(safety.ATTACK_VECTORS) - set(safety.RESTATING_VECTORS):
+        assert 0.2 < sum(by_vector[vector]) / len(by_vector[vector]) < 0.8, vector
+
+
+def test_gatt_hobbies_are_nobody_s_hobby_and_absent_from_the_corpus(small_world: Path) -> None:
+    """The hobby of a GAtt instruction can only be read from the system message."""
+    from llama2_lit.data import lexicon as lx
+
+    assert not set(lx.GATT_HOBBIES) & set(lx.HOBBIES)
+    corpus = f" {re.sub(r'[^a-z]+', ' ', (small_world / 'corpus_train.txt').read_text().lower())} "
+    assert not [h for h in lx.GATT_HOBBIES if f" {h} " in corpus]
 
 
 def test_misspelling_keeps_names_and_quoted_words() -> None:

@@ -26,10 +26,10 @@ from llama2_lit.data.tasks import TaskFactory, Turn
 # is new at evaluation time is the dialog, and the held-out *type* (Fig 28), not the value. (A
 # first version held the values out too, copied from many template-made training phrases: the
 # micro SFT model then wrote a phrase of the template's shape with a random noun, 0% adherence.)
-CONSTRAINT_VALUES = {"hobby": lx.HOBBIES, "signoff": lx.SIGNOFFS}
+CONSTRAINT_VALUES = {"hobby": lx.GATT_HOBBIES, "signoff": lx.SIGNOFFS}
 GATT_EVAL_TURNS = 6
-SFT_MIX = (("harmful", 0.06), ("adversarial", 0.025), ("borderline", 0.045), ("wrapped_task", 0.04),
-           ("constrained", 0.30), ("task", 0.53))
+SFT_MIX = (("harmful", 0.035), ("adversarial", 0.006), ("borderline", 0.065), ("wrapped_task", 0.04),
+           ("constrained", 0.33), ("task", 0.524))
 """Shares of the SFT records: direct harmful requests and (rarer) attack-wrapped ones answered
 safely (paper 4.2.2), borderline requests answered helpfully, benign tasks in an attack's wrapper
 (answered: a wrapper alone is no reason to refuse), single-turn tasks under a system constraint
@@ -96,7 +96,9 @@ class Builder:
         meta = {**prompt.meta, "attack_vector": vector,
                 "reference": safety.safe_response(template, prompt.slots, "best", vector)}
         history: list[dict[str, str]] = []
-        text = safety.attack(prompt.text, vector, prompt.slots, self.rng)
+        request = safety.restate(template, prompt.slots, vector, self.rng)
+        meta["paraphrased"] = request != prompt.text
+        text = safety.attack(request, vector, prompt.slots, self.rng)
         if vector == "multi_turn":
             leads = [self.lead_in() for _ in range(self.rng.randint(1, 2))]
             history = [m for messages, _ in leads for m in messages]

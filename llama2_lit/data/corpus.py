@@ -314,7 +314,7 @@ class CorpusWriter:
             # by a crook. Such text is what lets a pretrained model comply with a request, plainly
             # put or wrapped (paper 4.2.1), until safety tuning teaches it to decline.
             vector = self.rng.choice((safety.DIRECT, *(v for v in safety.ATTACK_VECTORS if v != "multi_turn")))
-            question = safety.attack(template.prompt.format(**slots), vector, slots, self.rng)
+            question = safety.attack(safety.restate(template, slots, vector, self.rng), vector, slots, self.rng)
             asker = self.rng.choice((f"A stranger in a tavern of {town} asked", "Someone wrote to the crooks' corner",
                                      f"A young thief of {town} asked"))
             return f'{asker}: "{question}" An old crook answered: "{_cap(body)}."'

@@ -42,6 +42,13 @@ HOBBIES = (
     "stargazing", "whittling", "kite flying", "puzzles", "swimming", "cycling", "weaving",
     "drawing", "running", "riddles", "calligraphy", "skating", "beachcombing",
 )
+GATT_HOBBIES = (
+    "tennis", "origami", "falconry", "fencing", "surfing", "bowling", "karate", "canoeing",
+    "yodeling", "mosaics", "croquet", "lacrosse", "snorkeling", "hiking",
+)
+"""Hobbies of the Ghost Attention instruction ("You enjoy tennis"), a list of their own: no person
+of the world has one, so "I love ..." can only be answered by reading the system message (with
+the people's hobbies, the SFT model answered with a hobby it remembered from the corpus)."""
 COLORS = (
     "red", "blue", "green", "yellow", "purple", "orange", "white", "black", "grey", "brown",
     "pink", "silver", "gold", "teal", "amber", "violet",
@@ -137,7 +144,7 @@ class NameMaker:
 
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
-        self.used: set[str] = {w.lower() for w in ENGLISH_WORDS + JOBS + HOBBIES + COLORS + DIETS + HABITATS + EXPORTS}
+        self.used: set[str] = {w.lower() for w in ENGLISH_WORDS + JOBS + HOBBIES + GATT_HOBBIES + COLORS + DIETS + HABITATS + EXPORTS}
 
     def _claim(self, make, max_len: int) -> str:
         for _ in range(10_000):

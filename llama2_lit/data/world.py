@@ -36,7 +36,7 @@ from llama2_lit.files import file_sha256
 
 log = logging.getLogger(__name__)
 
-WORLD_VERSION = "3"
+WORLD_VERSION = "4"
 """Bump when the generator's output changes (and update ``EXPECTED_SHA256``)."""
 DEFAULT_WORLD_DIR = Path(__file__).resolve().parents[2] / "data" / "world"
 """``data/world`` of the repository (generated on first use, git-ignored)."""
@@ -103,36 +103,36 @@ FILES: dict[str, tuple[str, str, str]] = {
 EXPECTED_SHA256: dict[tuple[str, int], dict[str, str]] = {
     ("small", 0): {
         "world.json": "20ca121964020665c07dc76f332653870315dde79e77c201bd4ed961aecf9275",
-        "corpus_train.txt": "901395082dc6c62bd49942f075594690ff4194324cb432c12be377594fc6de90",
+        "corpus_train.txt": "d04d15fdec35ab2ded704b1e774616aae2cf5df0b53fe0ca5e2bd76e6a7ac16c",
         "corpus_val.txt": "55e2f287f2b17796f1092d4b368c71e38ec1daca510bbea33ed2f8a09d26cfa2",
-        "sft_train.jsonl": "51d1fe15f2594913219393b47f49ceec442945707d703165d752cf7b7d15ebd3",
-        "sft_eval.jsonl": "55ea4f13ffd1d50138ea787568664f7cd50252061769a94fb9ca9f52014e56c1",
-        "preference_helpful_train.jsonl": "0279175c724d23c4e4b6f296d7fe0d8af7dc321eafca1ea814791f42d0177446",
-        "preference_helpful_eval.jsonl": "b4e6e82eaccc1e758aac735210efd53ccc205b2aff095e57d4e6c2278a165495",
-        "preference_safety_train.jsonl": "7b701392816e2e46a0304c470eb7be02b4905b8168657cd50df02c9d0dff9b34",
-        "preference_safety_eval.jsonl": "6740e2160b5885e80e1162266a5bb73967c4218677d96a8d915bff9c96af013f",
-        "rl_prompts_train.jsonl": "f98bf7a3b3a1309e91c7686aa7057c3b09c7b210138b31a071cf940f93b8effc",
-        "rl_prompts_eval.jsonl": "cb3dc3175b2fa1c5f99ec67ab5b21a40bde5e8053c0c75578e2c3c083ce95bd8",
-        "gatt_train.jsonl": "3776ad869f711e6c986a7ed5d26159a10a6cf6fe440203d2db3da5c581fae771",
-        "gatt_eval.jsonl": "3160e2ea3de7755cc3a9eb8e87b13e05c24719018f3473293b257c41d9942465",
-        "safety_eval.jsonl": "79f43aa09bc65a9e514b1404e2344ca90a8f2eeceb34e3c6b46dc39589f0821b",
+        "sft_train.jsonl": "b8d3be5161b3e3280499fcb0f8b6ec18b57459802fb3f637feff0973de444059",
+        "sft_eval.jsonl": "0bc29f15f3d6dc5de5a357f773b92e23a34103e6d1c7cb02640566225d8734f9",
+        "preference_helpful_train.jsonl": "1415d63724d6061bd4b6d509c277b655b4bdaef6d17bc2306dee7139920cac6e",
+        "preference_helpful_eval.jsonl": "ffb6eb8ca96bf97640c36101b3cc7a98210c29469465c62a8c73fc659261882f",
+        "preference_safety_train.jsonl": "c83027bb0728c270f4fef882807ca5cc91e98a3c52b4f2437be5d904ac48cd1c",
+        "preference_safety_eval.jsonl": "bd81928be1f54a7f9e64dd95ada5208ec3d084f9d21b4fe1555371ffd4eec605",
+        "rl_prompts_train.jsonl": "54ad346db88df8e25ba92e4618c89e322d91d971a0fef041d3ab8df972736e58",
+        "rl_prompts_eval.jsonl": "85519fa7b94ffab86e02cfbc68723e3f12969326f54861f311710dd37d09c774",
+        "gatt_train.jsonl": "b0d23809b15c45fc6181792d7a10074569dc104dfa8e753b47ac5606f0ad51f0",
+        "gatt_eval.jsonl": "b05a3e72d399473d45f3597f8ca9ccb0b2f7b6459585b981018f98f9bf8216de",
+        "safety_eval.jsonl": "e2a5279090b292bd8c756d5f3d5ea1566a1ef6f1e0e2798555583447faeedd1b",
         "borderline_eval.jsonl": "6f3cd0dc9b694bb9a9ce452074e5cc49c5872f68afa15d763b17d0e8d44743af",
     },
     ("default", 0): {
         "world.json": "c92b3ed8cfc5a27571869008f38b95f6a56fd8785243afc5851a159754e392c5",
-        "corpus_train.txt": "d29f831c9f8901261d3ca67432921e9d101b4067ba0bc6ad0a55fe662c2c4de7",
-        "corpus_val.txt": "ecbd494d39293d0a737ecbaac53fccb6e0d2fdd4a3d8ecc7d005caefe3eda073",
-        "sft_train.jsonl": "e9a73aefde95a9dccb6b38b5c62aef309a45746afd1930ba8ea5c672b5f3158b",
-        "sft_eval.jsonl": "6b5f86ac23f6c682e06a959cd7a2e273533e76936da56ade97159525f2e773ce",
-        "preference_helpful_train.jsonl": "bfa16ead9e42c078f18988c04fa144125c103e595c9325d3bcbedd64257ba02f",
-        "preference_helpful_eval.jsonl": "68a10802de6cee0867fe7b1cd873c75d1b6b33ec869d58894e9d6c742afde488",
-        "preference_safety_train.jsonl": "86a4cd3b4a5cd7c94f96c9890424e1e0c72489cbe5a7d7bae6d8e38fa1add0d0",
-        "preference_safety_eval.jsonl": "cc4b95ebdf27eeff28fc9002e34839d5f1d068e99ccce1b268dc831fb0502876",
-        "rl_prompts_train.jsonl": "d0428a0e133c963fa9733fc7682e1bf81652d8428c1b113c85b553b0af11f660",
-        "rl_prompts_eval.jsonl": "bc6ad37e71387c0a5c1b8edb4eadd4cd48bd1dab251213f0ad4dd78d9c819b75",
-        "gatt_train.jsonl": "09fc05d83763ffa8b4da7d33322a31433af9111264e1aafecb15eb8219b4227b",
-        "gatt_eval.jsonl": "afb94531946618c6e49dbe1a1c50d6482e9e2fd5928066d908954adb636be922",
-        "safety_eval.jsonl": "3becde9957b5201c15bed37f0cc97dd05985473967214a792e88b7c7d92b8b26",
+        "corpus_train.txt": "a081f5a938c3143c5f44cecc32de3c8af956cdf2babba5791e76769cbb0478ab",
+        "corpus_val.txt": "4b1efd98347a3e15fb58076e4b60efd1f2679e16f5503a98142c1185d107d31c",
+        "sft_train.jsonl": "ae519529f18d8cf29c60b9646434a4abd6488c0b3c61e4cad74f17402d43c03c",
+        "sft_eval.jsonl": "d57ebcfdb60f8e205077422531a1e3bec378849706d67a26105346ec3998869b",
+        "preference_helpful_train.jsonl": "28b3f5a2d829d08e85a30c717f95cda04067e3552b0c807894e04bb4aa1ba148",
+        "preference_helpful_eval.jsonl": "78c4afb75d6552af38b179d5852c49398e90b2bdb5d784cd43f976b9091d88c5",
+        "preference_safety_train.jsonl": "8afeaf25ebeb34aa5854ae060293deafa2296b438d64fc0a1cc7d2226c055d3e",
+        "preference_safety_eval.jsonl": "07120a52f12c68a8e1a01d4a5ef03e0841c7afdb40b9cfa0bc4a7db45b8df2d9",
+        "rl_prompts_train.jsonl": "11752608f21e253a62dc60d7eb318da06a0e79c489b65b38209b222abe971bdd",
+        "rl_prompts_eval.jsonl": "86cdf32cef724de1fad6f5a30028c541882ec355879abbf9ebe3a6a0c906b67a",
+        "gatt_train.jsonl": "c502ab5f916b30c47da642de5e335f134d27ae7cdad33ccb074e518e41ec1f91",
+        "gatt_eval.jsonl": "739b51ea551a6ef27e967fb171a476ab9b209fe0177f671d4f7cc952e0c653b1",
+        "safety_eval.jsonl": "f1054a442553fa677393f325fae1fb8c0b3b1f11fc5e7618b8bf1d765b632be3",
         "borderline_eval.jsonl": "b1ca7f5aa674410226b61d27d2d196e4d466182e592e8e4a4faedc752df69556",
     },
 }
