@@ -10,6 +10,7 @@ inputs may be named. ``recipe(size, versions)`` builds the paper's order at toy 
     world                 the toy world's files and its 4096-piece tokenizer (data/world, data/tokenizer)
     pretrain              next-token pretraining (paper 2.2)
     sft                   supervised fine-tuning on chat dialogs (3.1)
+    check                 what the SFT model leaves the RLHF stages (``llama2_lit.world_check``)
     v<k>/annotate         fresh preference pairs on the latest policy's samples, annotated by the oracle (3.2.1)
     v<k>/rm_helpfulness   both reward models retrained from the SFT checkpoint on the static pairs and
     v<k>/rm_safety          every annotated batch so far (3.2.2)
@@ -367,6 +368,7 @@ class Budget:
     eval_prompts: int = 100
     max_new_tokens: int = 64
     static_pairs: int | None = None  # held-out static pairs per file for the RM tables (None: all)
+    check: tuple[tuple[str, Any], ...] = ()  # world_check's n_* and max_new_tokens (the SFT model's preconditions)
 
 
 def _steps(steps: int, every: int) -> tuple[tuple[str, Any], ...]:
@@ -388,7 +390,9 @@ BUDGETS: dict[str, Budget] = {
                    rs_prompts=32, rs_samples=4,  # rs_temperature: None, the sweep picks it (Fig 8)
                    annotate_prompts=48, annotate_eval_prompts=48, gatt_dialogs=16, gatt_require_adherence=False,
                    gatt_eval_dialogs=16, distill_prompts=128,
-                   eval_prompts=8, max_new_tokens=24, static_pairs=200),
+                   eval_prompts=8, max_new_tokens=24, static_pairs=200,
+                   check=(("n_gatt", 8), ("n_safety", 16), ("n_borderline", 16), ("n_best_of", 4), ("n_tasks", 8),
+                          ("ks", (1, 4)), ("temperatures", (0.6,)), ("max_new_tokens", 24))),
     # The demo: 20 minutes on 2 cores for everything. Not measured end to end yet; the estimates
     # (quiet cores) are pretrain ~3.5 min, SFT ~2.5, the four reward models ~1 each, PPO ~1.5,
     # annotation, GAtt/CD data and fine-tuning ~3 together, the evaluation ~1.5.
@@ -433,6 +437,9 @@ def recipe(size: str = "micro", versions: int = 2, budget: Budget | None = None)
               about="pretraining (2.2)"),
         Stage("sft", ("pretrain",), config=config_path(size, "sft"),
               overrides=(("--model.init_args.init_from", "${pretrain}"), *b.sft), about="SFT (3.1)"),
+        Stage("check", ("sft",), function=world_check_stage, params={"model": "${sft}", **dict(b.check)},
+              outputs={"results": "check.json", "table": "check.txt"}, tags=("report",),
+              about="the RLHF stages' preconditions on the SFT model (world check)"),
     ]
     policy = "sft"  # the latest policy: each version's rejection-sampling fine-tuning replaces it (3.2.3)
     annotated: list[str] = []
@@ -536,6 +543,18 @@ def _policy(checkpoint: str, tokenizer: str | None = None):
     from llama2_lit.tokenizer import Tokenizer
 
     return load_model(checkpoint).eval(), Tokenizer(tokenizer or TOKENIZER)
+
+
+def world_check_stage(stage_dir: Path, *, model: str, **sizes: Any) -> dict[str, Any]:
+    """Does the SFT model leave every later stage room to show (``llama2_lit.world_check``)? The
+    same table as ``llama2-lit world check``, kept for the report."""
+    from llama2_lit.world_check import format_world_check, world_check
+
+    policy, tokenizer = _policy(model)
+    result = world_check(policy, tokenizer, WORLD, **{k: tuple(v) if isinstance(v, list) else v for k, v in sizes.items()})
+    (stage_dir / "check.json").write_text(json.dumps(result, indent=1))
+    (stage_dir / "check.txt").write_text(format_world_check(result) + "\n")
+    return {key: result[key] for key in ("violation_adversarial", "false_refusal", "task_accuracy")}
 
 
 def annotate_stage(stage_dir: Path, *, policy: str, prompts: str, eval_prompts: str, version: int, num_prompts: int,

@@ -618,6 +618,19 @@ def context_distillation_section(summary: dict[str, Any] | None, models: dict[st
 
 
 # ------------------------------------------------------------------------------------- the report
+def preconditions_section(table: Path) -> list[str]:
+    """The world check of the SFT model (``llama2-lit world check``): what each later stage has
+    to work with."""
+    if not table.is_file():
+        return []
+    return ["", "## What the SFT model leaves the RLHF stages", "",
+            "Each later stage needs room to show its finding: Ghost Attention a model that follows an "
+            "instruction in the turn it is given and forgets it later (3.3), safety tuning violations to "
+            "lower, most of them on attack-wrapped requests (4.2.1), rejection sampling a best of K above "
+            "one sample (3.2.3). Measured on the SFT checkpoint by the oracle (`llama2-lit world check`):",
+            "", "```", table.read_text().rstrip(), "```"]
+
+
 def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path, unigram: float) -> str:
     """The report: what each stage achieved, in the layout of the paper's tables and figures."""
     from llama2_lit.runs import plot_runs
@@ -648,6 +661,7 @@ def report_markdown(out: Path, size: str, results: dict[str, Any], plots: Path, 
               "", "![SFT](curves_sft.png)"]
 
     models = results["models"]
+    lines += preconditions_section(out / "check" / "check.txt")
     lines += stages_section(results, plots)
     lines += attack_vector_section(models)
     lines += reward_model_section(results.get("reward_model_versions", {}),
@@ -706,7 +720,7 @@ def pretraining_baseline(size: str) -> float:
 
 def markdown_to_html(markdown: str, *, title: str) -> str:
     """The report as one HTML page: the subset of markdown it uses (headings, paragraphs, lists,
-    tables, images, bold and code); the ``markdown`` package is not a dependency."""
+    tables, fenced blocks, images, bold and code); the ``markdown`` package is not a dependency."""
     import html
 
     def inline(text: str) -> str:
@@ -721,6 +735,11 @@ def markdown_to_html(markdown: str, *, title: str) -> str:
     i = 0
     while i < len(lines):
         line = lines[i]
+        if line.startswith("```"):  # a fenced block: the text as it is
+            end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("```")), len(lines))
+            body.append("<pre>" + html.escape("\n".join(lines[i + 1:end]), quote=False) + "</pre>")
+            i = end + 1
+            continue
         if line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
             body.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")

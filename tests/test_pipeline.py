@@ -16,7 +16,7 @@ from llama2_lit.pipeline import BUDGETS
 from llama2_lit.stages.toy_world import TOKENIZER_PATH
 from llama2_lit.tokenizer import Tokenizer
 
-STAGES = ["world", "pretrain", "sft", "v1/annotate", "v1/rm_helpfulness", "v1/rm_safety", "v1/rs", "v1/rs_sft",
+STAGES = ["world", "pretrain", "sft", "check", "v1/annotate", "v1/rm_helpfulness", "v1/rm_safety", "v1/rs", "v1/rs_sft",
           "v2/annotate", "v2/rm_helpfulness", "v2/rm_safety", "v2/rs", "v2/rs_sft", "ppo", "gatt/data", "gatt/sft",
           "cd/data", "cd/sft", "evaluate", "report"]
 MODELS = ["pretrained", "sft", "rejection sampling V1", "rejection sampling V2", "ppo", "gatt", "context distillation"]
@@ -70,7 +70,8 @@ def test_nano_pipeline_runs_every_stage_reports_and_caches(tmp_path, monkeypatch
         assert {"all", "trained", "lowercase"} <= set(table) and len(table["trained"]) >= 4
 
     report = (out / "report.md").read_text()
-    for heading in ("## Pretraining", "## Helpfulness, violations and false refusals after every stage",
+    for heading in ("## Pretraining", "## What the SFT model leaves the RLHF stages",
+                    "Harmful prompts by attack vector", "Best-of-K oracle helpfulness", "## Helpfulness, violations and false refusals after every stage",
                     "### Win rate against SFT", "## Violation rate by attack vector",
                     "### Accuracy by rating on the static held-out pairs", "### Accuracy on each version's fresh pairs",
                     "## Rejection sampling", "### Best of K (Fig 7)", "### Temperature (Fig 8)", "## PPO",
@@ -110,7 +111,7 @@ def test_nano_pipeline_runs_every_stage_reports_and_caches(tmp_path, monkeypatch
     for plot in ("curves_pretrain.png", "curves_sft.png", "stages.png", "best_of_k.png", "ppo.png",
                  "safety_scores.png", "context_distillation.png"):
         assert (out / plot).stat().st_size > 0, plot
-    assert "<table>" in (out / "report.html").read_text()
+    assert "<table>" in (out / "report.html").read_text() and "<pre>Constraint adherence" in (out / "report.html").read_text()
 
     capsys.readouterr()
     assert demo_main(argv) == 0  # everything cached: no training this time
