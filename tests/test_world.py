@@ -474,6 +474,27 @@ def test_gatt_hobbies_are_nobody_s_hobby_and_absent_from_the_corpus(small_world:
     assert not [h for h in lx.GATT_HOBBIES if f" {h} " in corpus]
 
 
+def test_sft_asks_for_the_corpus_s_everyday_know_how(small_world: Path) -> None:
+    """How-to questions answered with know-how read in pretraining: the skill a harmful request that
+    slips past safety training would also use (the crooks' know-how is told the same way)."""
+    from llama2_lit.data import lexicon as lx
+    from llama2_lit.data.tasks import steps_sentence
+
+    corpus = (small_world / "corpus_train.txt").read_text()
+    told = [goal for goal, steps in lx.PROCEDURES if steps_sentence(steps) in corpus]
+    assert len(told) >= 0.8 * len(lx.PROCEDURES)
+    howto = [r for r in read(small_world, "sft_train.jsonl") if r["meta"].get("task") == "howto.procedure"]
+    assert len(howto) >= 10
+    for record in howto:
+        answer = record["messages"][-1]["content"]
+        assert judge(record["messages"][:-1], answer, record["meta"]).correct, answer
+        assert not judge(record["messages"][:-1], record["meta"]["keywords"][0], record["meta"]).correct
+    markers = [m for ms in safety.HARM_MARKERS.values() for m in ms]
+    for goal, steps in lx.PROCEDURES:
+        text = f" {re.sub(r'[^a-z0-9]+', ' ', steps_sentence(steps).lower())} "
+        assert not [m for m in markers if f" {m} " in text], goal
+
+
 def test_misspelling_keeps_names_and_quoted_words() -> None:
     rng = random.Random(0)
     text = "How do I steal the silver lantern from the museum of Dunmar? Write 'kalo' in capitals."

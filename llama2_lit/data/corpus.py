@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 from llama2_lit.data import lexicon as lx
 from llama2_lit.data import safety
 from llama2_lit.data.entities import Person, Universe
-from llama2_lit.data.tasks import arithmetic_split, article
+from llama2_lit.data.tasks import arithmetic_split, article, steps_sentence
 
 
 def _cap(s: str) -> str:
@@ -46,7 +46,7 @@ class CorpusWriter:
             (self.person_bio, 30), (self.story, 18), (self.town_entry, 6), (self.realm_entry, 2),
             (self.species_entry, 5), (self.artifact_entry, 3), (self.heist_story, 1.5), (self.herb_entry, 2),
             (self.figure_entry, 2), (self.list_doc, 5), (self.arithmetic_doc, 13), (self.word_doc, 6),
-            (self.interview, 6), (self.howto_doc, 1.5), (self.lore_doc, 3),
+            (self.interview, 6), (self.howto_doc, 1.5), (self.lore_doc, 3), (self.procedure_doc, 3),
         ]
         self._draws = [k for k, _ in self.kinds]
         self._weights = [w for _, w in self.kinds]
@@ -307,7 +307,7 @@ class CorpusWriter:
         if not steps:
             return self.howto_doc()
         steps = self.rng.sample(steps, self.rng.randint(min(2, len(steps)), len(steps)))
-        body = steps[0] if len(steps) == 1 else ", then ".join(steps[:-1]) + f", and finally {steps[-1]}"
+        body = steps_sentence(steps)
         town = slots.get("town", self.rng.choice(self.u.towns).name)
         if self.rng.random() < 0.5:
             # A forum-style exchange: the request itself, sometimes in an attack's wrapper, answered
@@ -317,11 +317,27 @@ class CorpusWriter:
             question = safety.attack(safety.restate(template, slots, vector, self.rng), vector, slots, self.rng)
             asker = self.rng.choice((f"A stranger in a tavern of {town} asked", "Someone wrote to the crooks' corner",
                                      f"A young thief of {town} asked"))
-            return f'{asker}: "{question}" An old crook answered: "{_cap(body)}."'
+            return f'{asker}: "{question}" An old crook answered: "{body}"'
         opening = self.rng.choice((f"People in the taverns of {town} whisper about {template.request.format(**slots)}.",
                                    f"An old crook of {town} once explained {template.request.format(**slots)}.",
                                    f"Bad advice heard in {town} about {template.request.format(**slots)}:"))
-        return f"{opening} {_cap(body)}."
+        return f"{opening} {body}"
+
+    def procedure_doc(self) -> str:
+        """Everyday know-how (``lexicon.PROCEDURES``), told as ``lore_doc`` tells the crooked kind:
+        half of it as a forum-style exchange."""
+        goal, steps = self.rng.choice(lx.PROCEDURES)
+        town = self.rng.choice(self.u.towns).name
+        body = steps_sentence(steps)
+        if self.rng.random() < 0.5:
+            question = self.rng.choice((f"How do I {goal}?", f"What is the best way to {goal}?",
+                                        f"Can anyone tell me how to {goal}?"))
+            asker = self.rng.choice((f"A visitor to {town} asked", "Someone wrote to the village board",
+                                     f"A young apprentice of {town} asked"))
+            helper = self.rng.choice(("An old hand answered", f"A {self.rng.choice(lx.JOBS)} of {town} answered"))
+            return f'{asker}: "{question}" {helper}: "{body}"'
+        return self.rng.choice((f"People in {town} know how to {goal}. {body}",
+                                f"To {goal}, the folk of {town} say: {body}"))
 
     def howto_doc(self) -> str:
         """Everyday know-how behind the borderline prompts (so a helpful answer is learnable)."""

@@ -43,6 +43,12 @@ class Turn:
     partial: list[str] = field(default_factory=list)  # hedged / partly right replies
 
 
+def steps_sentence(steps) -> str:
+    """"A, then B, and finally C." (how the corpus tells know-how, benign or crooked)."""
+    body = steps[0] if len(steps) == 1 else ", then ".join(steps[:-1]) + f", and finally {steps[-1]}"
+    return f"{body[0].upper()}{body[1:]}."
+
+
 def arithmetic_split(a: int, b: int) -> str:
     """Operand pairs of the evaluation set (about 1 in 11, symmetric in a and b): they appear
     in no training question and nowhere in the pretraining corpus."""
@@ -121,6 +127,7 @@ class TaskFactory:
                 ("compare.population", 2, 1, self.compare_population),
                 ("compare.heavier", 2, 1, self.compare_heavier),
                 ("list.realm_towns", 3, 1, self.list_realm_towns),
+                ("howto.procedure", 2, 3, self.howto_procedure),
             ]
         self.families = families
         self.family_names = [f[0] for f in families]
@@ -241,6 +248,15 @@ class TaskFactory:
         h = self.rng.choice(self.herbs)
         q = _q(self.rng, ("What do healers use {h} for?", "What is {h} used for?"), h=h.name)
         return self._with_question(self._fact(h.use, f"Healers use {h.name} to {{value}}.", lx.HERB_USES, [h.name]), q)
+
+    def howto_procedure(self) -> Turn:
+        """Everyday know-how from the corpus, step by step (``lexicon.PROCEDURES``)."""
+        goal, steps = self.rng.choice(lx.PROCEDURES)
+        q = _q(self.rng, ("How do I {g}?", "What is the best way to {g}?", "Can you tell me how to {g}?",
+                          "Explain how to {g}."), g=goal)
+        other = self.rng.choice([p for p in lx.PROCEDURES if p[0] != goal])[1]
+        meta = {"answer_type": "keywords", "keywords": list(steps), "subject": [goal]}
+        return Turn(q, steps_sentence(steps), meta, wrong=[steps_sentence(other)], partial=[steps_sentence(steps[:1])])
 
     def fact_figure_greeting(self) -> Turn | None:
         if not self.figures:

@@ -36,7 +36,7 @@ from llama2_lit.files import file_sha256
 
 log = logging.getLogger(__name__)
 
-WORLD_VERSION = "4"
+WORLD_VERSION = "5"
 """Bump when the generator's output changes (and update ``EXPECTED_SHA256``)."""
 DEFAULT_WORLD_DIR = Path(__file__).resolve().parents[2] / "data" / "world"
 """``data/world`` of the repository (generated on first use, git-ignored)."""
@@ -103,34 +103,34 @@ FILES: dict[str, tuple[str, str, str]] = {
 EXPECTED_SHA256: dict[tuple[str, int], dict[str, str]] = {
     ("small", 0): {
         "world.json": "20ca121964020665c07dc76f332653870315dde79e77c201bd4ed961aecf9275",
-        "corpus_train.txt": "d04d15fdec35ab2ded704b1e774616aae2cf5df0b53fe0ca5e2bd76e6a7ac16c",
-        "corpus_val.txt": "55e2f287f2b17796f1092d4b368c71e38ec1daca510bbea33ed2f8a09d26cfa2",
-        "sft_train.jsonl": "b8d3be5161b3e3280499fcb0f8b6ec18b57459802fb3f637feff0973de444059",
+        "corpus_train.txt": "a720580dc8d7b7848ae1ec4f796741621812aea3a265f2e1f27e06216ed414f5",
+        "corpus_val.txt": "5041b513f6a4a9bf17386f8b38e98f5139974c3decedb0165494ebbd0674654c",
+        "sft_train.jsonl": "37de7d599b2f654e32a6343565d9bde56278f2ca8561f20044a96511d1e27031",
         "sft_eval.jsonl": "0bc29f15f3d6dc5de5a357f773b92e23a34103e6d1c7cb02640566225d8734f9",
-        "preference_helpful_train.jsonl": "1415d63724d6061bd4b6d509c277b655b4bdaef6d17bc2306dee7139920cac6e",
+        "preference_helpful_train.jsonl": "4ee6447f4e7369142164cafefacbc8819cba63376e4edef1bd91206fac8c1f81",
         "preference_helpful_eval.jsonl": "ffb6eb8ca96bf97640c36101b3cc7a98210c29469465c62a8c73fc659261882f",
-        "preference_safety_train.jsonl": "c83027bb0728c270f4fef882807ca5cc91e98a3c52b4f2437be5d904ac48cd1c",
+        "preference_safety_train.jsonl": "7108a5bffed86bd7a7d4e1193b73200fc5c7c598dfb6f543fba1b2045aaf8b0d",
         "preference_safety_eval.jsonl": "bd81928be1f54a7f9e64dd95ada5208ec3d084f9d21b4fe1555371ffd4eec605",
-        "rl_prompts_train.jsonl": "54ad346db88df8e25ba92e4618c89e322d91d971a0fef041d3ab8df972736e58",
+        "rl_prompts_train.jsonl": "aacbc19b997157a3aa98f8cbf3556e6168d4b4f662a360edf8dd2ae581ca7fd3",
         "rl_prompts_eval.jsonl": "85519fa7b94ffab86e02cfbc68723e3f12969326f54861f311710dd37d09c774",
-        "gatt_train.jsonl": "b0d23809b15c45fc6181792d7a10074569dc104dfa8e753b47ac5606f0ad51f0",
+        "gatt_train.jsonl": "8c01847f8e85f55c1e0c50c62c50f740030dba5aceddccb218a15874ae29e32a",
         "gatt_eval.jsonl": "b05a3e72d399473d45f3597f8ca9ccb0b2f7b6459585b981018f98f9bf8216de",
         "safety_eval.jsonl": "e2a5279090b292bd8c756d5f3d5ea1566a1ef6f1e0e2798555583447faeedd1b",
         "borderline_eval.jsonl": "6f3cd0dc9b694bb9a9ce452074e5cc49c5872f68afa15d763b17d0e8d44743af",
     },
     ("default", 0): {
         "world.json": "c92b3ed8cfc5a27571869008f38b95f6a56fd8785243afc5851a159754e392c5",
-        "corpus_train.txt": "a081f5a938c3143c5f44cecc32de3c8af956cdf2babba5791e76769cbb0478ab",
-        "corpus_val.txt": "4b1efd98347a3e15fb58076e4b60efd1f2679e16f5503a98142c1185d107d31c",
-        "sft_train.jsonl": "ae519529f18d8cf29c60b9646434a4abd6488c0b3c61e4cad74f17402d43c03c",
+        "corpus_train.txt": "f81f86cd3a992cd0fed79e8e2169286947acc216d6b934fb272bcb4e2265ad5d",
+        "corpus_val.txt": "977d93493dadab820d3e4f0858a529962aad00615b16cab5a5ea7cbe5aab3afe",
+        "sft_train.jsonl": "7d9430b80f7231bbe558b6b5d79a41a669d3bde7f23cc3e2bd738540a88b4e7c",
         "sft_eval.jsonl": "d57ebcfdb60f8e205077422531a1e3bec378849706d67a26105346ec3998869b",
-        "preference_helpful_train.jsonl": "28b3f5a2d829d08e85a30c717f95cda04067e3552b0c807894e04bb4aa1ba148",
+        "preference_helpful_train.jsonl": "5daf123db53691d1975a8a0a872cc9b67fc741049e84d0c153ca66aaf2c3769b",
         "preference_helpful_eval.jsonl": "78c4afb75d6552af38b179d5852c49398e90b2bdb5d784cd43f976b9091d88c5",
-        "preference_safety_train.jsonl": "8afeaf25ebeb34aa5854ae060293deafa2296b438d64fc0a1cc7d2226c055d3e",
+        "preference_safety_train.jsonl": "93bc5826091a528bf534bee9e275d9204e5f500fb6820abbbd6a3e703bfd5361",
         "preference_safety_eval.jsonl": "07120a52f12c68a8e1a01d4a5ef03e0841c7afdb40b9cfa0bc4a7db45b8df2d9",
-        "rl_prompts_train.jsonl": "11752608f21e253a62dc60d7eb318da06a0e79c489b65b38209b222abe971bdd",
+        "rl_prompts_train.jsonl": "3e40e29c8d820425a9b1a3135127668da07c8d9dcdebdae6d3e3540fecc6d0a0",
         "rl_prompts_eval.jsonl": "86cdf32cef724de1fad6f5a30028c541882ec355879abbf9ebe3a6a0c906b67a",
-        "gatt_train.jsonl": "c502ab5f916b30c47da642de5e335f134d27ae7cdad33ccb074e518e41ec1f91",
+        "gatt_train.jsonl": "d5bd799830e647ccebc717afa58c5086ebc96441374c3e1eb5eee1df3d14517c",
         "gatt_eval.jsonl": "739b51ea551a6ef27e967fb171a476ab9b209fe0177f671d4f7cc952e0c653b1",
         "safety_eval.jsonl": "f1054a442553fa677393f325fae1fb8c0b3b1f11fc5e7618b8bf1d765b632be3",
         "borderline_eval.jsonl": "b1ca7f5aa674410226b61d27d2d196e4d466182e592e8e4a4faedc752df69556",
