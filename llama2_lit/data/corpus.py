@@ -46,7 +46,8 @@ class CorpusWriter:
             (self.person_bio, 30), (self.story, 18), (self.town_entry, 6), (self.realm_entry, 2),
             (self.species_entry, 5), (self.artifact_entry, 3), (self.heist_story, 1.5), (self.herb_entry, 2),
             (self.figure_entry, 2), (self.list_doc, 5), (self.arithmetic_doc, 13), (self.word_doc, 6),
-            (self.interview, 6), (self.howto_doc, 1.5), (self.lore_doc, 3), (self.procedure_doc, 3),
+            (self.interview, 6), (self.howto_doc, 1.5), (self.lore_doc, 4), (self.procedure_doc, 3),
+            (self.pastime_doc, 3),
         ]
         self._draws = [k for k, _ in self.kinds]
         self._weights = [w for _, w in self.kinds]
@@ -306,10 +307,11 @@ class CorpusWriter:
                  if not any(f" {w} " in f" {s} " for w in safety.INSULTS)]
         if not steps:
             return self.howto_doc()
-        steps = self.rng.sample(steps, self.rng.randint(min(2, len(steps)), len(steps)))
+        # All the steps, in their order: told the same way every time, as everyday know-how is
+        # (``procedure_doc``), so that a model that learned to answer how-to questions can recall them.
         body = steps_sentence(steps)
         town = slots.get("town", self.rng.choice(self.u.towns).name)
-        if self.rng.random() < 0.5:
+        if self.rng.random() < 0.7:
             # A forum-style exchange: the request itself, sometimes in an attack's wrapper, answered
             # by a crook. Such text is what lets a pretrained model comply with a request, plainly
             # put or wrapped (paper 4.2.1), until safety tuning teaches it to decline.
@@ -322,6 +324,16 @@ class CorpusWriter:
                                    f"An old crook of {town} once explained {template.request.format(**slots)}.",
                                    f"Bad advice heard in {town} about {template.request.format(**slots)}:"))
         return f"{opening} {body}"
+
+    def pastime_doc(self) -> str:
+        """The pastimes of Ghost Attention's hobby instructions (``lexicon.GATT_HOBBIES``): words the
+        tokenizer and the model know, though no person of the world has one as a hobby."""
+        hobby, town = self.rng.choice(lx.GATT_HOBBIES), self.rng.choice(self.u.towns)
+        return self.rng.choice((
+            f"{_cap(hobby)} is a pastime of {town.realm}: the clubs of {town.name} meet for {hobby} on market days.",
+            f"Visitors to {town.name} can watch {hobby} by {town.landmark} in the summer.",
+            f"The guild of {town.name} holds a {hobby} fair every spring, and the winners get a ribbon.",
+        ))
 
     def procedure_doc(self) -> str:
         """Everyday know-how (``lexicon.PROCEDURES``), told as ``lore_doc`` tells the crooked kind:

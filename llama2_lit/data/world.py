@@ -36,7 +36,7 @@ from llama2_lit.files import file_sha256
 
 log = logging.getLogger(__name__)
 
-WORLD_VERSION = "5"
+WORLD_VERSION = "6"
 """Bump when the generator's output changes (and update ``EXPECTED_SHA256``)."""
 DEFAULT_WORLD_DIR = Path(__file__).resolve().parents[2] / "data" / "world"
 """``data/world`` of the repository (generated on first use, git-ignored)."""
@@ -103,10 +103,10 @@ FILES: dict[str, tuple[str, str, str]] = {
 EXPECTED_SHA256: dict[tuple[str, int], dict[str, str]] = {
     ("small", 0): {
         "world.json": "20ca121964020665c07dc76f332653870315dde79e77c201bd4ed961aecf9275",
-        "corpus_train.txt": "a720580dc8d7b7848ae1ec4f796741621812aea3a265f2e1f27e06216ed414f5",
-        "corpus_val.txt": "5041b513f6a4a9bf17386f8b38e98f5139974c3decedb0165494ebbd0674654c",
-        "sft_train.jsonl": "37de7d599b2f654e32a6343565d9bde56278f2ca8561f20044a96511d1e27031",
-        "sft_eval.jsonl": "0bc29f15f3d6dc5de5a357f773b92e23a34103e6d1c7cb02640566225d8734f9",
+        "corpus_train.txt": "0aecb28129491e0a9049dbbfe7ed933f8d4566d3fd356b9a02fc0a57bf5a5975",
+        "corpus_val.txt": "b596f93bcf18b504ed2246cf9b115f343d195f98b5dd23c563126fc43f0dd45f",
+        "sft_train.jsonl": "46ff01118c55449371da50f0b5dcbe9279e2e3a09e658fa7d9c972abeb066095",
+        "sft_eval.jsonl": "4c24a4f7c0775c73d89a939f4c425f27bbedddf0039cf76f7f258a6069b8ede0",
         "preference_helpful_train.jsonl": "4ee6447f4e7369142164cafefacbc8819cba63376e4edef1bd91206fac8c1f81",
         "preference_helpful_eval.jsonl": "ffb6eb8ca96bf97640c36101b3cc7a98210c29469465c62a8c73fc659261882f",
         "preference_safety_train.jsonl": "7108a5bffed86bd7a7d4e1193b73200fc5c7c598dfb6f543fba1b2045aaf8b0d",
@@ -120,10 +120,10 @@ EXPECTED_SHA256: dict[tuple[str, int], dict[str, str]] = {
     },
     ("default", 0): {
         "world.json": "c92b3ed8cfc5a27571869008f38b95f6a56fd8785243afc5851a159754e392c5",
-        "corpus_train.txt": "f81f86cd3a992cd0fed79e8e2169286947acc216d6b934fb272bcb4e2265ad5d",
-        "corpus_val.txt": "977d93493dadab820d3e4f0858a529962aad00615b16cab5a5ea7cbe5aab3afe",
-        "sft_train.jsonl": "7d9430b80f7231bbe558b6b5d79a41a669d3bde7f23cc3e2bd738540a88b4e7c",
-        "sft_eval.jsonl": "d57ebcfdb60f8e205077422531a1e3bec378849706d67a26105346ec3998869b",
+        "corpus_train.txt": "5efb30a19ba4e4b5163000c10ad5060e50c459e9c4749a70532cf27697465f0a",
+        "corpus_val.txt": "9595343cb1b598484e89d631a4c48256da46fca0848243ec1fb675df603fd895",
+        "sft_train.jsonl": "7fdd6644878946905401ea993c95ab945226c2ad002645ba7cf52e44e4c7ec4b",
+        "sft_eval.jsonl": "98d6a5a7be410bf3f9ffdc4d33de35d1d52a9f89fc218d0811dee5521cd1f03e",
         "preference_helpful_train.jsonl": "5daf123db53691d1975a8a0a872cc9b67fc741049e84d0c153ca66aaf2c3769b",
         "preference_helpful_eval.jsonl": "78c4afb75d6552af38b179d5852c49398e90b2bdb5d784cd43f976b9091d88c5",
         "preference_safety_train.jsonl": "93bc5826091a528bf534bee9e275d9204e5f500fb6820abbbd6a3e703bfd5361",
