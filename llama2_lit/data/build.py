@@ -28,8 +28,8 @@ from llama2_lit.data.tasks import TaskFactory, Turn
 # micro SFT model then wrote a phrase of the template's shape with a random noun, 0% adherence.)
 CONSTRAINT_VALUES = {"hobby": lx.GATT_HOBBIES, "signoff": lx.SIGNOFFS}
 GATT_EVAL_TURNS = 6
-SFT_MIX = (("harmful", 0.03), ("adversarial", 0.005), ("borderline", 0.075), ("wrapped_task", 0.04),
-           ("constrained", 0.33), ("task", 0.52))
+SFT_MIX = (("harmful", 0.03), ("adversarial", 0.005), ("borderline", 0.12), ("wrapped_task", 0.04),
+           ("constrained", 0.33), ("task", 0.475))
 """Shares of the SFT records: direct harmful requests and (rarer) attack-wrapped ones answered
 safely (paper 4.2.2), borderline requests answered helpfully, benign tasks in an attack's wrapper
 (answered: a wrapper alone is no reason to refuse), single-turn tasks under a system constraint

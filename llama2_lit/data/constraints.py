@@ -143,7 +143,8 @@ def apply_constraints(answer: str, specs: list[Spec]) -> str:
     kinds = {s["type"]: s for s in specs}
     text = answer
     if "hobby" in kinds:
-        text = f"{text} By the way, I love {kinds['hobby']['hobby']}."
+        hobby = kinds["hobby"]["hobby"]
+        text = f"{hobby[0].upper()}{hobby[1:]} fan here! {text}"
     if "persona" in kinds:
         text = f"{kinds['persona']['greeting']} {text}"
     if "signoff" in kinds:
