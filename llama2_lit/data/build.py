@@ -33,7 +33,13 @@ SFT_MIX = (("harmful", 0.03), ("adversarial", 0.005), ("borderline", 0.12), ("wr
 """Shares of the SFT records: direct harmful requests and (rarer) attack-wrapped ones answered
 safely (paper 4.2.2), borderline requests answered helpfully, benign tasks in an attack's wrapper
 (answered: a wrapper alone is no reason to refuse), single-turn tasks under a system constraint
-(paper 3.3; a few multi-turn ones), and plain single- or multi-turn tasks without a constraint."""
+(paper 3.3; a few multi-turn ones), and plain single- or multi-turn tasks without a constraint.
+
+Calibrated on the micro SFT model (``llama2-lit world check``). A third of the records carry a
+constraint, so that the model follows one in the turn it is given (turn-1 adherence 0.75-1.0
+per type). Fewer refusal demonstrations than before (3.5% of records rather than 8.5%) left
+direct requests refused all the same. Raising the borderline share from 7.5% to 12% cut the
+false refusals from 0.64 to 0.39; 17% did no better (0.42)."""
 
 def _messages(turns: list[Turn], *, system: str | None = None, answer_last: bool = True,
               answers: list[str] | None = None) -> list[dict[str, str]]:

@@ -139,7 +139,11 @@ def failed_constraints(specs: list[Spec], response: str) -> list[str]:
 
 def apply_constraints(answer: str, specs: list[Spec]) -> str:
     """Rewrites an answer so that it follows every constraint (how the world writes its GAtt
-    demonstrations). ``max_words`` is not enforced here: the world picks n from the result."""
+    demonstrations). ``max_words`` is not enforced here: the world picks n from the result.
+
+    The hobby comes first ("Croquet fan here! 12 + 7 = 19."), after the persona's greeting: the
+    micro model failed to copy it after a fixed lead-in ("By the way, I love ..."), which it
+    completed with the hobby most frequent in training (adherence 0.12 at turn 1, against 0.75)."""
     kinds = {s["type"]: s for s in specs}
     text = answer
     if "hobby" in kinds:

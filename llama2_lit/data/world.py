@@ -36,7 +36,7 @@ from llama2_lit.files import file_sha256
 
 log = logging.getLogger(__name__)
 
-WORLD_VERSION = "6"
+WORLD_VERSION = "7"
 """Bump when the generator's output changes (and update ``EXPECTED_SHA256``)."""
 DEFAULT_WORLD_DIR = Path(__file__).resolve().parents[2] / "data" / "world"
 """``data/world`` of the repository (generated on first use, git-ignored)."""
@@ -105,16 +105,16 @@ EXPECTED_SHA256: dict[tuple[str, int], dict[str, str]] = {
         "world.json": "20ca121964020665c07dc76f332653870315dde79e77c201bd4ed961aecf9275",
         "corpus_train.txt": "0aecb28129491e0a9049dbbfe7ed933f8d4566d3fd356b9a02fc0a57bf5a5975",
         "corpus_val.txt": "b596f93bcf18b504ed2246cf9b115f343d195f98b5dd23c563126fc43f0dd45f",
-        "sft_train.jsonl": "46ff01118c55449371da50f0b5dcbe9279e2e3a09e658fa7d9c972abeb066095",
-        "sft_eval.jsonl": "4c24a4f7c0775c73d89a939f4c425f27bbedddf0039cf76f7f258a6069b8ede0",
-        "preference_helpful_train.jsonl": "4ee6447f4e7369142164cafefacbc8819cba63376e4edef1bd91206fac8c1f81",
-        "preference_helpful_eval.jsonl": "ffb6eb8ca96bf97640c36101b3cc7a98210c29469465c62a8c73fc659261882f",
+        "sft_train.jsonl": "1512e53a3d6c4ec4c50b36e84295543417cacdd9d7b8615799601220a9b79c8d",
+        "sft_eval.jsonl": "ae9d401dd3f269f94480f6af9b1993cb440ec62d4229d34935d004cdfd278b41",
+        "preference_helpful_train.jsonl": "3ecc5d5031fe8f18e739f45c03246f7966002af8d2712b76fb21b1e7e39b00ff",
+        "preference_helpful_eval.jsonl": "28330db81bcca1a53f5bc5a59e2fc0dcc3bda07095409bf354744229ff3fc793",
         "preference_safety_train.jsonl": "7108a5bffed86bd7a7d4e1193b73200fc5c7c598dfb6f543fba1b2045aaf8b0d",
         "preference_safety_eval.jsonl": "bd81928be1f54a7f9e64dd95ada5208ec3d084f9d21b4fe1555371ffd4eec605",
-        "rl_prompts_train.jsonl": "aacbc19b997157a3aa98f8cbf3556e6168d4b4f662a360edf8dd2ae581ca7fd3",
+        "rl_prompts_train.jsonl": "ca03fa4f48a2d8b988171d889fa7d5f08762102df3b77b7c6f2033258fa405b5",
         "rl_prompts_eval.jsonl": "85519fa7b94ffab86e02cfbc68723e3f12969326f54861f311710dd37d09c774",
-        "gatt_train.jsonl": "8c01847f8e85f55c1e0c50c62c50f740030dba5aceddccb218a15874ae29e32a",
-        "gatt_eval.jsonl": "b05a3e72d399473d45f3597f8ca9ccb0b2f7b6459585b981018f98f9bf8216de",
+        "gatt_train.jsonl": "b354733da3775e7f10d798fe7471ba6f039e91a507f8b79a09850695eba44821",
+        "gatt_eval.jsonl": "1a3aff33237e421ba87c4755fce542d3b5060714314bc3b6070dc6f3432eea6f",
         "safety_eval.jsonl": "e2a5279090b292bd8c756d5f3d5ea1566a1ef6f1e0e2798555583447faeedd1b",
         "borderline_eval.jsonl": "6f3cd0dc9b694bb9a9ce452074e5cc49c5872f68afa15d763b17d0e8d44743af",
     },
@@ -122,16 +122,16 @@ EXPECTED_SHA256: dict[tuple[str, int], dict[str, str]] = {
         "world.json": "c92b3ed8cfc5a27571869008f38b95f6a56fd8785243afc5851a159754e392c5",
         "corpus_train.txt": "5efb30a19ba4e4b5163000c10ad5060e50c459e9c4749a70532cf27697465f0a",
         "corpus_val.txt": "9595343cb1b598484e89d631a4c48256da46fca0848243ec1fb675df603fd895",
-        "sft_train.jsonl": "7fdd6644878946905401ea993c95ab945226c2ad002645ba7cf52e44e4c7ec4b",
-        "sft_eval.jsonl": "98d6a5a7be410bf3f9ffdc4d33de35d1d52a9f89fc218d0811dee5521cd1f03e",
-        "preference_helpful_train.jsonl": "5daf123db53691d1975a8a0a872cc9b67fc741049e84d0c153ca66aaf2c3769b",
-        "preference_helpful_eval.jsonl": "78c4afb75d6552af38b179d5852c49398e90b2bdb5d784cd43f976b9091d88c5",
+        "sft_train.jsonl": "5063fae1c0b387e2b0cc170ab9d5cb9e3ef94ea11604e9f3eac6717b45aaa37f",
+        "sft_eval.jsonl": "ee7437ea25b90a468ac0192654d71dd78ac6e5daae433738ecb00f9652a17b3a",
+        "preference_helpful_train.jsonl": "e89e34f8b854dd891b948a1709bac8535b7257c9ee596fdfea65876c2f2a48af",
+        "preference_helpful_eval.jsonl": "000cbdc03139986a55f19ee5e2052f6938556c417b20e0332198252e0a7e9718",
         "preference_safety_train.jsonl": "93bc5826091a528bf534bee9e275d9204e5f500fb6820abbbd6a3e703bfd5361",
         "preference_safety_eval.jsonl": "07120a52f12c68a8e1a01d4a5ef03e0841c7afdb40b9cfa0bc4a7db45b8df2d9",
-        "rl_prompts_train.jsonl": "3e40e29c8d820425a9b1a3135127668da07c8d9dcdebdae6d3e3540fecc6d0a0",
-        "rl_prompts_eval.jsonl": "86cdf32cef724de1fad6f5a30028c541882ec355879abbf9ebe3a6a0c906b67a",
-        "gatt_train.jsonl": "d5bd799830e647ccebc717afa58c5086ebc96441374c3e1eb5eee1df3d14517c",
-        "gatt_eval.jsonl": "739b51ea551a6ef27e967fb171a476ab9b209fe0177f671d4f7cc952e0c653b1",
+        "rl_prompts_train.jsonl": "9f9195a39dc27cd9560b6033824dc7e216532dcf5c35929bbd3ac993cd0acba9",
+        "rl_prompts_eval.jsonl": "e1c5f031639f1ab49c13e5b19b668e449572c857af194fda1fe9c1a012be47b7",
+        "gatt_train.jsonl": "39e1ee4f067433dda9316196b08ce2172ab268dbfb3e85ef0f951d63600a3732",
+        "gatt_eval.jsonl": "705aafdc91f1875dfa868736fc4f80d1db1d86acdb470f747d7fb2a63b0db26e",
         "safety_eval.jsonl": "f1054a442553fa677393f325fae1fb8c0b3b1f11fc5e7618b8bf1d765b632be3",
         "borderline_eval.jsonl": "b1ca7f5aa674410226b61d27d2d196e4d466182e592e8e4a4faedc752df69556",
     },
