@@ -172,9 +172,10 @@ def test_best_of_k_curves_rise_with_k_and_the_oracle_is_the_ceiling(toy):
     result = best_of_k(policy, tokenizer, prompts(world, 6), rm, ks=(1, 2, 4), max_new_tokens=6, temperature=1.0)
     table = result.table()
     assert result.oracle.shape == result.helpfulness.shape == (6, 4)
-    assert table["random"][1] == table["oracle"][1] == table["helpfulness_rm"][1]  # K=1: every selector agrees
+    # K=1: every selector agrees (up to float summation order: each averages its own way)
+    assert table["random"][1] == pytest.approx(table["oracle"][1]) == pytest.approx(table["helpfulness_rm"][1])
     assert table["oracle"][1] <= table["oracle"][2] <= table["oracle"][4]
-    assert all(table["oracle"][k] >= max(table["random"][k], table["helpfulness_rm"][k]) for k in (1, 2, 4))
+    assert all(table["oracle"][k] >= max(table["random"][k], table["helpfulness_rm"][k]) - 1e-6 for k in (1, 2, 4))
     assert float(result.oracle.max(1).values.mean()) == pytest.approx(table["oracle"][4])
     assert "helpfulness_rm" in format_table(table)
 
