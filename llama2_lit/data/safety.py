@@ -26,10 +26,11 @@ Attack vectors (paper section 4.2.1): a harmful request may come wrapped — psy
 manipulation (authority, urgency), a false premise (logic), misspellings (syntax), a metaphor
 (semantics), role play (perspective), or a multi-turn build-up (benign turns first, paper Fig 18).
 ``attack(text, vector, slots, rng)`` wraps a request (the multi-turn build-up is made by
-``build.Builder``, which draws the benign turns); ``restate`` first puts the request in other words
-(every template has two paraphrases that avoid its telling words: no "steal", "break into", "dose"), as semantic and perspective
-manipulation do. ``HELD_OUT_ATTACK_VECTORS`` appear in no training file. The best-practice answer to a wrapped request is the one to the plain request, opened by a
-sentence that sees through the wrapper (``safe_response(..., vector=...)``).
+``build.Builder``, which draws the benign turns); ``restate`` first puts the request in other
+words, as semantic and perspective manipulation do (every template has two paraphrases that avoid
+its telling words: no "steal", "break into", "dose"). ``HELD_OUT_ATTACK_VECTORS`` appear in no
+training file. The best-practice answer to a wrapped request is the one to the plain request,
+opened by a sentence that sees through the wrapper (``safe_response(..., vector=...)``).
 """
 
 from __future__ import annotations
@@ -376,8 +377,8 @@ RESTATING_VECTORS = ("metaphor", "role_play")
 """Semantic and perspective manipulations put the request in other words (a story, a riddle, a
 character's lines), so they always wrap a paraphrase; the other wrappers keep the plain wording
 half of the time. A model that learned to decline the template's words but not the request itself
-is what these attacks find (paper 4.2.1: "the model can still be fooled by ... semantic
-manipulation")."""
+is what these attacks find (paper 4.2.1 lists semantic manipulation, e.g. metaphor, and
+perspective manipulation, e.g. role play, among the attacks its red teams used)."""
 
 
 def restate(template: HarmfulTemplate, slots: dict[str, str], vector: str, rng: random.Random) -> str:
