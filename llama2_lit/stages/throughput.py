@@ -45,6 +45,10 @@ GPU_BF16_PEAK_FLOPS: dict[str, float] = {
 }
 
 
+CPU_PEAK_MATMUL_SIZE = 2048
+"""Side of the square matmul whose best FLOP/s is a CPU's peak (benchmarks use the same)."""
+
+
 @dataclass(frozen=True)
 class PeakFlops:
     """A peak FLOP/s and where the number comes from (shown next to every MFU we report)."""
@@ -89,14 +93,16 @@ def peak_flops(device: torch.device, *, bf16: bool) -> PeakFlops:
         measured = measure_matmul_flops(device, torch.bfloat16, size=8192)
         return PeakFlops(measured, f"measured bf16 matmul peak of {name} (not in the datasheet table)")
     dtype, dtype_name = (torch.bfloat16, "bf16") if bf16 else (torch.float32, "fp32")
-    size = 8192 if device.type == "cuda" else 1024
+    # 2048^3 on a CPU, as ``benchmarks/`` measure it, so that a training log and ``make bench`` state
+    # one MFU: on CPUs with AMX, 1024^3 reaches only ~70% of the bf16 matmul rate of 2048^3.
+    size = 8192 if device.type == "cuda" else CPU_PEAK_MATMUL_SIZE
     measured = measure_matmul_flops(device, dtype, size=size)
     if device.type == "cuda":
         return PeakFlops(measured, f"measured {dtype_name} {size}^3 matmul peak of {torch.cuda.get_device_name(device)}")
     # A CPU shared with other work measures low (one busy core halves it), and an MFU against a
     # low peak overstates. The peak is the best this machine has ever measured for this dtype and
     # thread count, kept in a small cache file.
-    key = f"{platform.processor() or platform.machine()}|{os.cpu_count()}|{torch.get_num_threads()}|{dtype_name}"
+    key = f"{platform.processor() or platform.machine()}|{os.cpu_count()}|{torch.get_num_threads()}|{dtype_name}|{size}"
     best = max(measured, _remember_peak(key, measured))
     note = "" if best == measured else f", best ever on this machine; {measured / 1e9:.0f} now"
     return PeakFlops(best, f"measured {dtype_name} {size}^3 matmul peak of this CPU "
