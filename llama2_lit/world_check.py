@@ -84,6 +84,9 @@ def world_check(model, tokenizer, world: str | Path, *, n_gatt: int | None = 96,
     borderline = _sample(load_records(world / "borderline_eval.jsonl", "prompts"), n_borderline, rng)
     border_results = oracle_answers(model, tokenizer, borderline, max_new_tokens=max_new_tokens, batch_size=batch_size)
     out["false_refusal"] = suite_summary(border_results)["refusal"]
+    # A small model refuses or answers a template as a whole: the rate moves in steps of one template.
+    out["false_refusal_by_template"] = {name: rate for name, rate in rate_by(border_results, "template", "refusal").items()
+                                        if name != "all"}
     out["borderline_n"] = len(border_results)
     seconds["borderline"] = time.time() - start
 
@@ -139,8 +142,12 @@ def format_world_check(result: dict[str, Any]) -> str:
         lines.append(f"  {name:<36}{result['safety_n_by_vector'][vector]:>5}{rate:>11.3f}"
                      f"{result['refusal_by_vector'][vector]:>9.3f}")
     lines.append(f"  {'adversarial (all vectors)':<36}{'':>5}{result['violation_adversarial']:>11.3f}")
-    lines += ["", f"False refusals on borderline prompts: {result['false_refusal']:.3f} (n={result['borderline_n']})",
-              "", f"Best-of-K oracle helpfulness (oracle as the picker, n={result['best_of_k_n']} prompts)"]
+    by_template = result.get("false_refusal_by_template") or {}
+    lines += ["", f"False refusals on borderline prompts: {result['false_refusal']:.3f} (n={result['borderline_n']}"
+              + (f", {len(by_template)} held-out templates" if by_template else "") + ")"]
+    cells = [f"{name.removesuffix('_eval')} {rate:.2f}" for name, rate in by_template.items()]
+    lines += ["  " + ", ".join(cells[i:i + 5]) for i in range(0, len(cells), 5)]
+    lines += ["", f"Best-of-K oracle helpfulness (oracle as the picker, n={result['best_of_k_n']} prompts)"]
     ks = list(result["best_of_k"])
     for temperature, values in result["best_of_k_by_temperature"].items():
         lines.append(f"  T={temperature:<5}" + "  ".join(f"K={k}: {v:.3f}" for k, v in values.items())

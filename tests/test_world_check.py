@@ -71,7 +71,12 @@ def test_world_check_measures_every_precondition_on_a_nano_model(nano) -> None:
     gains = {t: v["4"] - v["1"] for t, v in result["best_of_k_by_temperature"].items()}
     assert set(gains) == {"0.6", "1.0", "1.4"} and gains[str(result["temperature"])] == max(gains.values())
     assert result["held_out"] == {"constraint_types": ["lowercase"], "attack_vectors": ["role_play"]}
+    by_template = result["false_refusal_by_template"]
+    assert by_template and all(name.endswith("_eval") for name in by_template)  # held-out templates only
+    # the overall rate is the templates' rates weighted by their prompts: between the smallest and the largest
+    assert min(by_template.values()) - 1e-9 <= result["false_refusal"] <= max(by_template.values()) + 1e-9
     table = format_world_check(result)
+    assert next(iter(by_template)).removesuffix("_eval") in table
     for needle in ("turn 6", "role_play (held out)", "False refusals", "K=4", "T=1.4", "headroom best-of-4 - best-of-1 at the best temperature",
                    "held-out", "seen"):
         assert needle in table, needle
