@@ -61,6 +61,17 @@ def change(before: float | None, after: float | None, *, before_se: float | None
     return words
 
 
+def moved_beyond_noise(before: float | None, after: float | None, before_se: float | None,
+                       after_se: float | None) -> int | None:
+    """+1 if ``after`` is above ``before`` by more than twice the standard error of the difference, -1
+    if below by as much, 0 within noise, None without the numbers."""
+    if not all(_finite(x) for x in (before, after, before_se, after_se)):
+        return None
+    if abs(after - before) <= 2 * math.sqrt(before_se ** 2 + after_se ** 2):
+        return 0
+    return 1 if after > before else -1
+
+
 def came_back(found: bool | None) -> str:
     """The verdict ending a section's line: whether the paper's finding showed in this run."""
     if found is None:
@@ -313,13 +324,17 @@ def rejection_sampling_section(rs: dict[str, dict[str, Any]], models: dict[str, 
         steps = ", then ".join(f"{label} {fmt(models[label][held]['helpfulness'])}" for label in finetuned)
         last = models[finetuned[-1]][held]
         sft = models["sft"][held]
+        # A rise within noise is no finding (without standard errors, the sign alone has to do).
+        moved = moved_beyond_noise(sft["helpfulness"], last["helpfulness"], sft.get("helpfulness_se"),
+                                   last.get("helpfulness_se"))
+        rose = moved == 1 if moved is not None else last["helpfulness"] > sft["helpfulness"]
         lines += ["", finding(
             "fine-tuning on the reward model's best-of-K samples raises helpfulness version after version, and "
             "pooling the best samples of every earlier version avoids the regressions of training on the last "
             "version's alone (section 3.2.3).",
             f"held-out helpfulness was {fmt(sft['helpfulness'])} after SFT, {steps}: it "
             f"{change(sft['helpfulness'], last['helpfulness'], before_se=sft.get('helpfulness_se'), after_se=last.get('helpfulness_se'))}"
-            f"; {came_back(last['helpfulness'] > sft['helpfulness'])}.")]
+            f"; {came_back(rose)}.")]
     return lines
 
 
@@ -433,10 +448,22 @@ def ppo_section(run: Run | None, plots: Path) -> list[str]:
         panels.append(("KL to the reference", {"KL": kl}, "iteration"))
     plot_lines(plots / "ppo.png", panels)
 
-    def first_last(values: list[float]) -> tuple[float | None, float | None]:
-        return (values[0], values[-1]) if values else (None, None)
+    def ends(values: list[float]) -> tuple[tuple[float, float | None], tuple[float, float | None]] | None:
+        """Mean and standard error of the first and of the last third of a series (at least one point
+        each): one rollout batch's score swings from iteration to iteration, so two single points
+        would call noise a trend."""
+        if len(values) < 2:
+            return None
+        third = max(1, len(values) // 3)
 
-    (r0, r1), (o0, o1) = first_last(reward[1]), first_last(oracle[1])
+        def mean_se(part: list[float]) -> tuple[float, float | None]:
+            mean = sum(part) / len(part)
+            if len(part) < 2:
+                return mean, None
+            return mean, math.sqrt(sum((v - mean) ** 2 for v in part) / (len(part) - 1) / len(part))
+
+        return mean_se(values[:third]), mean_se(values[-third:])
+
     lines = ["", "## PPO (paper 3.2.3)", "",
              "The reward the policy is optimised for (the reward models' R_c, before whitening) next to the "
              "oracle's helpfulness of the same training rollouts, iteration by iteration (and on held-out prompts "
@@ -445,15 +472,26 @@ def ppo_section(run: Run | None, plots: Path) -> list[str]:
              "| iteration | " + " | ".join(str(i) for i in reward[0]) + " |", "|---|" + "---|" * len(reward[0]),
              "| RM reward R_c | " + " | ".join(fmt(v) for v in reward[1]) + " |",
              "| oracle helpfulness | " + " | ".join(fmt(v) for v in oracle[1]) + " |", "", "![PPO](ppo.png)", ""]
-    if _finite(r0) and _finite(o0):
-        hacking = r1 > r0 and o1 < o0
-        verdict = ("the RM reward rose while the oracle's fell: the policy is exploiting the reward models"
-                   if hacking else came_back(r1 > r0))
+    reward_ends, oracle_ends = ends(reward[1]), ends(oracle[1])
+    if reward_ends and oracle_ends:
+        (r0, r0_se), (r1, r1_se) = reward_ends
+        (o0, o0_se), (o1, o1_se) = oracle_ends
+
+        reward_moved = moved_beyond_noise(r0, r1, r0_se, r1_se)
+        oracle_moved = moved_beyond_noise(o0, o1, o0_se, o1_se)
+        if reward_moved is None:
+            verdict = came_back(None)
+        elif reward_moved == 1 and oracle_moved == -1:
+            verdict = "the RM reward rose while the oracle's fell: the policy is exploiting the reward models"
+        else:
+            verdict = came_back(reward_moved == 1)
+        third = max(1, len(reward[1]) // 3)
         lines.append(finding(
             "PPO raises the reward models' score of the policy's answers, with a KL penalty to the starting policy "
             "against reward hacking (section 3.2.3).",
-            f"over {len(reward[0])} iterations the RM reward {change(r0, r1)} and the oracle's helpfulness of the "
-            f"same rollouts {change(o0, o1)}; {verdict}."))
+            f"over {len(reward[0])} iterations (the mean of the first {third} against the last {third}) the RM reward "
+            f"{change(r0, r1, before_se=r0_se, after_se=r1_se)} and the oracle's helpfulness of the same rollouts "
+            f"{change(o0, o1, before_se=o0_se, after_se=o1_se)}; {verdict}."))
     return lines
 
 

@@ -7,8 +7,9 @@ import re
 
 from llama2_lit.report import (
     adherence_section, best_of_k_section, came_back, change, context_distillation_section, finding,
-    safety_scores_section, temperature_section,
+    moved_beyond_noise, ppo_section, rejection_sampling_section, safety_scores_section, temperature_section,
 )
+from llama2_lit.runs import Run
 
 
 def test_change_says_how_a_number_moved():
@@ -20,6 +21,13 @@ def test_change_says_how_a_number_moved():
     assert change(0.2, 0.5, before_se=0.03, after_se=0.04) == "rose from 0.200 to 0.500 (beyond noise: 2 s.e. = 0.100)"
     assert change(0.2, 0.25, before_se=0.03, after_se=0.04).endswith("(within noise: 2 s.e. = 0.100)")
     assert change(0.2, 0.2, before_se=0.0, after_se=0.0) == "stayed at 0.200"
+
+
+def test_moved_beyond_noise_needs_twice_the_standard_error_of_the_difference():
+    assert moved_beyond_noise(0.2, 0.5, 0.03, 0.04) == 1  # gap 0.3 > 2 s.e. 0.1
+    assert moved_beyond_noise(0.5, 0.2, 0.03, 0.04) == -1
+    assert moved_beyond_noise(0.2, 0.29, 0.03, 0.04) == 0
+    assert moved_beyond_noise(0.2, 0.5, None, 0.04) is None and moved_beyond_noise(float("nan"), 0.5, 0.1, 0.1) is None
 
 
 def test_came_back_and_finding():
@@ -89,3 +97,43 @@ def test_context_distillation_section_reads_fig_16b(tmp_path):
     assert (tmp_path / "context_distillation.png").stat().st_size > 0
     assert ("preferred the distilled answer for 1.000 of the answers scoring below the median (0.800) without the "
             "preprompt, against 0.000 above it; the paper's finding came back.") in text
+
+
+def test_ppo_section_reads_the_ends_of_noisy_series_not_two_points(tmp_path):
+    def run(reward: list[float], oracle: list[float]) -> Run:
+        steps = range(len(reward))
+        return Run(tmp_path, "ppo", {}, {"ppo/iteration": [(s, float(s)) for s in steps],
+                                         "ppo/reward_rc": list(zip(steps, reward)),
+                                         "ppo/oracle_helpfulness": list(zip(steps, oracle))})
+
+    # demo-like: the oracle's last point is above its first, but the series swings; the RM reward is flat
+    swinging = run([0.94, 0.94, 0.95, 0.945, 0.933, 0.943, 0.924, 0.951, 0.94, 0.941],
+                   [0.285, 0.256, 0.34, 0.319, 0.352, 0.413, 0.381, 0.206, 0.323, 0.372])
+    text = "\n".join(ppo_section(swinging, tmp_path))
+    assert (tmp_path / "ppo.png").stat().st_size > 0
+    assert "(the mean of the first 3 against the last 3)" in text and "within noise" in text
+    assert text.endswith("the paper's finding did not come back in this run.")
+    rising = run([0.50, 0.52, 0.51, 0.60, 0.62, 0.61, 0.70, 0.71, 0.72],
+                 [0.30, 0.31, 0.29, 0.30, 0.32, 0.31, 0.33, 0.32, 0.34])
+    assert "\n".join(ppo_section(rising, tmp_path)).endswith("the paper's finding came back.")
+    hacking = run([0.50, 0.52, 0.51, 0.60, 0.62, 0.61, 0.70, 0.71, 0.72],
+                  [0.40, 0.41, 0.40, 0.30, 0.31, 0.30, 0.20, 0.21, 0.20])
+    assert "the policy is exploiting the reward models." in "\n".join(ppo_section(hacking, tmp_path))
+    assert "too few numbers" in "\n".join(ppo_section(run([0.5, 0.6], [0.3, 0.2]), tmp_path))
+
+
+def test_rejection_sampling_section_counts_a_rise_within_noise_as_no_finding():
+    from llama2_lit.report import SUITES
+
+    rs = {"v1/rs": {"num_samples": 8, "temperature": 1.2, "prompts": 128, "kept": 127, "pool": 127, "train": 127,
+                    "train_from_earlier_iterations": 0, "reward_kept_mean": 0.9, "reward_sample_mean": 0.8,
+                    "oracle_of_pick": 0.35, "oracle_mean": 0.34, "oracle_of_oracle_pick": 0.63}}
+
+    def models(after: float) -> dict:
+        return {"sft": {SUITES[0]: {"helpfulness": 0.071, "helpfulness_se": 0.02}},
+                "rejection sampling V1": {SUITES[0]: {"helpfulness": after, "helpfulness_se": 0.02}}}
+
+    within = "\n".join(rejection_sampling_section(rs, models(0.085)))  # the demo's +0.014, 2 s.e. = 0.057
+    assert "(within noise: 2 s.e. = 0.057)" in within and within.endswith("did not come back in this run.")
+    beyond = "\n".join(rejection_sampling_section(rs, models(0.2)))
+    assert beyond.endswith("the paper's finding came back.")
