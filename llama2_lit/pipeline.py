@@ -571,21 +571,27 @@ def annotate_stage(stage_dir: Path, *, policy: str, prompts: str, eval_prompts: 
                    num_eval_prompts: int, max_new_tokens: int,
                    temperatures: tuple[tuple[float, float], ...] = ((0.6, 1.0),)) -> dict[str, Any]:
     """Fresh pairs for one RLHF version: two samples per prompt from the latest policy at two temperatures
-    (one pair of ``temperatures`` per share of the prompts), annotated by the oracle (``sampling.annotate``). Each version takes the next slice of the prompts
-    (fresh prompts); held-out prompts give the pairs its RMs are tested on. Ties (equal oracle scores:
+    (one pair of ``temperatures`` per share of the prompts), annotated by the oracle (``sampling.annotate``).
+    Each version takes the next slice of the prompts (fresh prompts); held-out prompts give the pairs its RMs are tested on. Ties (equal oracle scores:
     frequent for a weak policy, whose answers mostly score 0) give no pair."""
     from dataclasses import asdict
 
     from llama2_lit.data.records import load_records, write_records
     from llama2_lit.sampling.annotate import Sampler, annotate_on_policy
 
+    slices = {}
+    for split, path, n in (("train", prompts, num_prompts), ("eval", eval_prompts, num_eval_prompts)):
+        available = load_records(path, "prompts")
+        slices[split] = available[(version - 1) * n: version * n]
+        if not slices[split]:
+            raise PipelineError(f"{path} has {len(available)} prompts: none left for the {split} annotation of "
+                                f"version {version} at {n} per version (fewer versions or fewer prompts per version)")
     model, tokenizer = _policy(policy)
     summary = {}
-    for split, path, n in (("train", prompts, num_prompts), ("eval", eval_prompts, num_eval_prompts)):
-        records = load_records(path, "prompts")[(version - 1) * n: version * n]
+    for split, records in slices.items():
         pairs, stats = annotate_on_policy(records, tokenizer, [Sampler(model, low) for low, _ in temperatures],
-                                          [Sampler(model, high) for _, high in temperatures], max_new_tokens=max_new_tokens,
-                                          seed=version)
+                                          [Sampler(model, high) for _, high in temperatures],
+                                          max_new_tokens=max_new_tokens, seed=version)
         if not pairs:
             raise PipelineError(f"{split} annotation of version {version} produced no pairs: {asdict(stats)}")
         write_records(pairs, stage_dir / f"{split}.jsonl", "preference")

@@ -85,8 +85,8 @@ def world_check(model, tokenizer, world: str | Path, *, n_gatt: int | None = 96,
     border_results = oracle_answers(model, tokenizer, borderline, max_new_tokens=max_new_tokens, batch_size=batch_size)
     out["false_refusal"] = suite_summary(border_results)["refusal"]
     # A small model refuses or answers a template as a whole: the rate moves in steps of one template.
-    out["false_refusal_by_template"] = {name: rate for name, rate in rate_by(border_results, "template", "refusal").items()
-                                        if name != "all"}
+    by_template = rate_by(border_results, "template", "refusal")
+    out["false_refusal_by_template"] = {name: rate for name, rate in by_template.items() if name != "all"}
     out["borderline_n"] = len(border_results)
     seconds["borderline"] = time.time() - start
 

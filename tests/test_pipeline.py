@@ -121,3 +121,14 @@ def test_nano_pipeline_runs_every_stage_reports_and_caches(tmp_path, monkeypatch
     assert demo_main([*argv, "--plan", "--force", "rm"]) == 0
     planned = dict(line.split()[:2] for line in capsys.readouterr().out.splitlines())
     assert [stage for stage in STAGES if planned[stage] == "run"] == STAGES[STAGES.index("v1/rm_helpfulness"):]
+
+
+def test_annotation_past_the_end_of_the_prompts_is_one_clear_error_before_any_model_loads(tmp_path):
+    from llama2_lit.pipeline import PipelineError, annotate_stage
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} + 1?"}],
+                                           "is_safety": False, "meta": {}}) + "\n" for i in range(5)))
+    with pytest.raises(PipelineError, match=r"has 5 prompts: none left for the train annotation of version 3 at 3"):
+        annotate_stage(tmp_path, policy=str(tmp_path / "no-such-checkpoint"), prompts=str(prompts),
+                       eval_prompts=str(prompts), version=3, num_prompts=3, num_eval_prompts=1, max_new_tokens=4)
