@@ -448,13 +448,13 @@ def ppo_section(run: Run | None, plots: Path) -> list[str]:
         panels.append(("KL to the reference", {"KL": kl}, "iteration"))
     plot_lines(plots / "ppo.png", panels)
 
+    third = max(1, len(reward[1]) // 3)  # points at each end of the series
+
     def ends(values: list[float]) -> tuple[tuple[float, float | None], tuple[float, float | None]] | None:
-        """Mean and standard error of the first and of the last third of a series (at least one point
-        each): one rollout batch's score swings from iteration to iteration, so two single points
-        would call noise a trend."""
+        """Mean and standard error of the first and of the last ``third`` of a series: one rollout
+        batch's score swings from iteration to iteration, so two single points would call noise a trend."""
         if len(values) < 2:
             return None
-        third = max(1, len(values) // 3)
 
         def mean_se(part: list[float]) -> tuple[float, float | None]:
             mean = sum(part) / len(part)
@@ -476,7 +476,6 @@ def ppo_section(run: Run | None, plots: Path) -> list[str]:
     if reward_ends and oracle_ends:
         (r0, r0_se), (r1, r1_se) = reward_ends
         (o0, o0_se), (o1, o1_se) = oracle_ends
-
         reward_moved = moved_beyond_noise(r0, r1, r0_se, r1_se)
         oracle_moved = moved_beyond_noise(o0, o1, o0_se, o1_se)
         if reward_moved is None:
@@ -485,7 +484,6 @@ def ppo_section(run: Run | None, plots: Path) -> list[str]:
             verdict = "the RM reward rose while the oracle's fell: the policy is exploiting the reward models"
         else:
             verdict = came_back(reward_moved == 1)
-        third = max(1, len(reward[1]) // 3)
         lines.append(finding(
             "PPO raises the reward models' score of the policy's answers, with a KL penalty to the starting policy "
             "against reward hacking (section 3.2.3).",
