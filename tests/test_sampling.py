@@ -135,6 +135,9 @@ def test_annotate_on_policy_samples_per_row_and_the_command_writes_nothing_on_fa
     with pytest.raises(SystemExit) as exit_:
         cli_main(["annotate", str(tmp_path / "policy"), "--prompts", str(tmp_path / "prompts.jsonl"), "--out",
                   str(out), "--max-new-tokens", "4", "--limit", "3"])
+    assert (exit_.value.code, out.exists()) == (2, False)
+    assert "no records to write" in capsys.readouterr().err
+
 
 def test_pairs_of_arms_answer_prompt_i_with_pair_i_mod_n(toy):
     tokenizer, world = toy
