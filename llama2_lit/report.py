@@ -471,7 +471,21 @@ def ppo_section(run: Run | None, plots: Path) -> list[str]:
              "models.", "",
              "| iteration | " + " | ".join(str(i) for i in reward[0]) + " |", "|---|" + "---|" * len(reward[0]),
              "| RM reward R_c | " + " | ".join(fmt(v) for v in reward[1]) + " |",
-             "| oracle helpfulness | " + " | ".join(fmt(v) for v in oracle[1]) + " |", "", "![PPO](ppo.png)", ""]
+             "| oracle helpfulness | " + " | ".join(fmt(v) for v in oracle[1]) + " |"]
+    kl_se = dict(zip(*series("ppo/kl_stderr")))
+    if kl[0]:
+        lines.append("| KL to π_0 (± s.e.) | " + " | ".join(
+            fmt(v) + (f" ± {fmt(kl_se[i])}" if i in kl_se else "") for i, v in zip(*kl)) + " |")
+    lines += ["", "![PPO](ppo.png)", ""]
+    below = [i for i, v in zip(*kl) if i in kl_se and v < -2 * kl_se[i]]
+    if kl_se:
+        # The k1 estimate of one batch can dip below 0 while the true KL cannot (section 3.2.3's
+        # penalty is a divergence): an iteration more than 2 s.e. below 0 points at a log-prob bug.
+        lines += [("The KL to the reference, estimated on each batch's own samples, is non-negative within noise "
+                   "(above -2 s.e.) at every iteration." if not below else
+                   f"**The KL to the reference is below 0 by more than 2 s.e. at iteration(s) "
+                   f"{', '.join(map(str, below))}**: the policy's and the reference's log-probs are not computed "
+                   "alike (temperature, padding or precision)."), ""]
     reward_ends, oracle_ends = ends(reward[1]), ends(oracle[1])
     if reward_ends and oracle_ends:
         (r0, r0_se), (r1, r1_se) = reward_ends

@@ -80,8 +80,9 @@ def test_ppo_iterations_have_the_invariants_of_a_correct_implementation(ppo_run)
     assert all(abs(v) < 1e-6 for v in m["ppo/first_ratio_error"].values())
     # The first rollout is sampled from the reference itself: the KL is exactly 0.
     assert m["ppo/kl"][0] == pytest.approx(0.0, abs=1e-6)
-    # Later the policy has moved; the mean per-token log-ratio of its own samples is >= 0 up to noise.
-    assert all(m["ppo/kl_per_token"][step] > -0.02 for step in iterations)
+    # Later the policy has moved; the KL estimated on its own samples is >= 0 within noise (2 s.e.).
+    assert all(m["ppo/kl_stderr"][step] > 0 for step in iterations[1:])
+    assert all(m["ppo/kl"][step] >= -2 * m["ppo/kl_stderr"][step] for step in iterations)
     # Within an iteration the policy moves: the last mini-batch's ratio is no longer 1 (approx_kl > 0).
     assert all(m["ppo/approx_kl"][step] > 0 for step in iterations)
     # The sampler (KV-cached, one token at a time) and the full forward agree up to bf16 rounding

@@ -122,6 +122,21 @@ def test_ppo_section_reads_the_ends_of_noisy_series_not_two_points(tmp_path):
     assert "too few numbers" in "\n".join(ppo_section(run([0.5, 0.6], [0.3, 0.2]), tmp_path))
 
 
+def test_ppo_section_flags_a_kl_below_zero_beyond_noise(tmp_path):
+    def run(kl: list[float], stderr: list[float]) -> Run:
+        steps = range(len(kl))
+        return Run(tmp_path, "ppo", {}, {"ppo/iteration": [(s, float(s)) for s in steps],
+                                         "ppo/reward_rc": [(s, 0.5) for s in steps],
+                                         "ppo/oracle_helpfulness": [(s, 0.3) for s in steps],
+                                         "ppo/kl": list(zip(steps, kl)), "ppo/kl_stderr": list(zip(steps, stderr))})
+
+    noisy = "\n".join(ppo_section(run([0.0, -0.025, 0.04, -0.007], [0.0, 0.02, 0.02, 0.01]), tmp_path))
+    assert "| KL to π_0 (± s.e.) | 0.000 ± 0.000 | -0.025 ± 0.020 |" in noisy
+    assert "non-negative within noise (above -2 s.e.) at every iteration" in noisy
+    broken = "\n".join(ppo_section(run([0.0, -0.5, 0.04, -0.3], [0.0, 0.02, 0.02, 0.1]), tmp_path))
+    assert "below 0 by more than 2 s.e. at iteration(s) 1, 3**" in broken
+
+
 def test_rejection_sampling_section_counts_a_rise_within_noise_as_no_finding():
     from llama2_lit.report import SUITES
 

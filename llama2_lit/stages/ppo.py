@@ -41,6 +41,7 @@ base's clipping (``on_before_optimizer_step``), logging, NaN guard and checkpoin
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -202,6 +203,13 @@ class PPOModule(StageModule):
         dist.all_reduce(value)
         return value
 
+    def _global_stderr(self, x: Tensor) -> Tensor:
+        """Standard error of the mean of ``x`` over the whole batch (every rank's rows): the noise that
+        "non-negative within noise" is measured against (the k1 KL of one batch can be slightly
+        negative while the true KL is positive)."""
+        rows = self._gather_rows(x.float())
+        return rows.std() / math.sqrt(rows.numel()) if rows.numel() > 1 else torch.zeros(())
+
     def _whiten_global(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, float, float]:
         """WHITEN over the whole batch, every rank's rows (so N processes compute one process's numbers)."""
         rank = dist.get_rank() if self._world() > 1 else 0
@@ -274,7 +282,8 @@ class PPOModule(StageModule):
         stats = {
             "ppo/reward_rc": r_c.mean(), "ppo/reward_helpfulness": r_help.mean(), "ppo/reward_safety": r_safe.mean(),
             "ppo/safety_reward_share": uses_safety_reward(r_safe, is_safety, hp.safety_threshold).float().mean(),
-            "ppo/kl": (kl.sum(1)).mean(), "ppo/kl_per_token": masked_mean(kl, valid),
+            "ppo/kl": (kl.sum(1)).mean(), "ppo/kl_stderr": self._global_stderr(kl.sum(1)),
+            "ppo/kl_per_token": masked_mean(kl, valid),
             "ppo/entropy": masked_mean(entropy, valid), "ppo/response_length": response_mask.sum(1).float().mean(),
             "ppo/eos_fraction": out.eos_emitted.float().mean(),
             "ppo/score_mean_before_whiten": torch.tensor(score_mean),
