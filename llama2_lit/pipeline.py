@@ -570,10 +570,11 @@ def world_check_stage(stage_dir: Path, *, model: str, **sizes: Any) -> dict[str,
 def annotate_stage(stage_dir: Path, *, policy: str, prompts: str, eval_prompts: str, version: int, num_prompts: int,
                    num_eval_prompts: int, max_new_tokens: int,
                    temperatures: tuple[tuple[float, float], ...] = ((0.6, 1.0),)) -> dict[str, Any]:
-    """Fresh pairs for one RLHF version: two samples per prompt from the latest policy at two temperatures
-    (one pair of ``temperatures`` per share of the prompts), annotated by the oracle (``sampling.annotate``).
-    Each version takes the next slice of the prompts (fresh prompts); held-out prompts give the pairs its RMs are tested on. Ties (equal oracle scores:
-    frequent for a weak policy, whose answers mostly score 0) give no pair."""
+    """Fresh pairs for one RLHF version: two samples per prompt from the latest policy at two
+    temperatures (one pair of ``temperatures`` per share of the prompts), annotated by the oracle
+    (``sampling.annotate``). Each version takes the next slice of the prompts (fresh prompts);
+    held-out prompts give the pairs its RMs are tested on. Ties (equal oracle scores: frequent for
+    a weak policy, whose answers mostly score 0) give no pair."""
     from dataclasses import asdict
 
     from llama2_lit.data.records import load_records, write_records
