@@ -10,6 +10,8 @@ import torch
 from llama2_lit.rlhf import (
     Trajectory,
     entropy_from_logits,
+    explained_variance,
+    fit_value_calibration,
     gae_advantages,
     kl_per_token,
     logit,
@@ -226,6 +228,24 @@ def test_value_loss_clipping():
     assert out.clip_fraction.item() == pytest.approx(1 / 3)
     out.loss.backward()  # the clipped token pulls nothing: its gradient is 0
     torch.testing.assert_close(values.grad, t([[0.0, (0.1 - 1.0) / 3, -0.5 / 3, 0.0]]), rtol=0, atol=1e-6)
+
+
+def test_value_calibration_is_the_least_squares_affine_map_over_valid_tokens():
+    # Returns = 0.5 V - 1 exactly on the valid tokens; the padding (huge values) is ignored.
+    values = t([[3.0, 4.0, 5.0, 100.0], [2.0, 6.0, -100.0, -100.0]])
+    mask = t([[1, 1, 1, 0], [1, 1, 0, 0]])
+    returns = torch.where(mask.bool(), 0.5 * values - 1.0, torch.zeros_like(values))
+    scale, shift = fit_value_calibration(values, returns, mask)
+    assert (scale, shift) == (pytest.approx(0.5), pytest.approx(-1.0))
+    assert explained_variance(values * scale + shift, returns, mask).item() == pytest.approx(1.0)
+    # A raw RM head a few units off the returns explains worse than nothing; after the fit, what it can.
+    noisy = returns + 3.0 + t([[0.3, -0.3, 0.1, 0.0], [-0.1, 0.2, 0.0, 0.0]])
+    assert explained_variance(noisy, returns, mask).item() < 0
+    scale, shift = fit_value_calibration(noisy, returns, mask)
+    assert explained_variance(noisy * scale + shift, returns, mask).item() > 0.9
+    # A value model that says nothing becomes the mean return: a plain baseline.
+    scale, shift = fit_value_calibration(torch.full_like(values, 2.0), returns, mask)
+    assert scale == 0.0 and shift == pytest.approx(returns[mask.bool()].mean().item())
 
 
 def test_masked_mean():

@@ -22,7 +22,9 @@ call them.
 al. 2020), whose details the paper leaves open apart from clip 0.2 and β:
 
 * ``kl_per_token`` — the per-token KL estimate to the original policy π_0 (k1 or k3).
-* ``gae_advantages`` — advantages and value targets.
+* ``gae_advantages`` — advantages and value targets; ``fit_value_calibration`` — the affine map
+  that puts a value model initialised from a reward model into the returns' units;
+  ``explained_variance`` — how much of the returns the value model predicts.
 * ``ppo_policy_loss``, ``ppo_value_loss`` — the clipped losses, with the statistics to log.
 * ``entropy_from_logits``, ``masked_mean``, ``masked_whiten`` — helpers; ``Trajectory`` — the
   tensors of one rollout batch.
@@ -33,6 +35,8 @@ from llama2_lit.rlhf.ppo import (
     Trajectory,
     ValueLossOutput,
     entropy_from_logits,
+    explained_variance,
+    fit_value_calibration,
     gae_advantages,
     kl_per_token,
     masked_mean,
@@ -56,7 +60,8 @@ from llama2_lit.rlhf.rewards import (
 __all__ = [
     "MARGINS", "rating_margins", "ranking_loss", "safety_auxiliary_loss",
     "SAFETY_THRESHOLD", "PolicyLossOutput", "Trajectory", "ValueLossOutput", "WhitenStats", "entropy_from_logits",
-    "gae_advantages", "kl_per_token", "last_valid_index", "logit", "masked_mean", "masked_whiten",
+    "explained_variance", "fit_value_calibration", "gae_advantages", "kl_per_token", "last_valid_index", "logit",
+    "masked_mean", "masked_whiten",
     "penalized_token_rewards", "ppo_policy_loss", "ppo_value_loss", "safety_first_reward", "uses_safety_reward",
     "whiten", "whiten_with_stats",
 ]

@@ -19,8 +19,9 @@ from torch import Tensor
 
 from llama2_lit.rlhf.rewards import last_valid_index, masked_mean, whiten
 
-__all__ = ["PolicyLossOutput", "Trajectory", "ValueLossOutput", "entropy_from_logits", "gae_advantages",
-           "kl_per_token", "masked_mean", "masked_whiten", "ppo_policy_loss", "ppo_value_loss"]
+__all__ = ["PolicyLossOutput", "Trajectory", "ValueLossOutput", "entropy_from_logits", "explained_variance",
+           "fit_value_calibration", "gae_advantages", "kl_per_token", "masked_mean", "masked_whiten",
+           "ppo_policy_loss", "ppo_value_loss"]
 
 
 class Trajectory(NamedTuple):
@@ -112,6 +113,47 @@ def gae_advantages(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: floa
         advantages[:, t] = next_advantage
         next_value = values[:, t]
     return advantages, (advantages + values) * valid
+
+
+@torch.no_grad()
+def fit_value_calibration(values: Tensor, returns: Tensor, mask: Tensor) -> tuple[float, float]:
+    """The affine map ``(a, c)`` minimising ``Σ_t (a · V_t + c − G_t)²`` over the valid tokens.
+
+    A value model initialised from a reward model outputs the RM's raw logits (several units, all
+    positive when the RM likes most answers), while PPO's returns are in the units of the whitened
+    score (mean 0, spread 1). Fitted once on the first rollout with Monte-Carlo returns ``G``
+    (which do not depend on V), ``a · V + c`` keeps what the RM knows about each state and speaks
+    the returns' units. Without it the clipped value loss (``ppo_value_loss``) lets V move only
+    ``clip_eps`` per iteration towards targets several units away, and GAE's advantages are
+    dominated by the offset instead of the score. When V carries no information (constant), the
+    fit is ``a = 0`` and ``c`` the mean return: a plain baseline.
+    """
+    valid = mask.bool()
+    if not values.shape == returns.shape == valid.shape:
+        raise ValueError(f"fit_value_calibration: shapes differ: values {tuple(values.shape)}, returns "
+                         f"{tuple(returns.shape)}, mask {tuple(valid.shape)}")
+    v, g = values[valid].double(), returns[valid].double()
+    if v.numel() == 0:
+        raise ValueError("fit_value_calibration: the mask selects no token")
+    variance = v.var(unbiased=False)
+    if variance < 1e-12:
+        return 0.0, float(g.mean())
+    scale = ((v - v.mean()) * (g - g.mean())).mean() / variance
+    return float(scale), float(g.mean() - scale * v.mean())
+
+
+@torch.no_grad()
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """``1 − mean((G − V)²) / Var(G)`` over the valid tokens (R², the coefficient of determination):
+    1 for a perfect value model, 0 for one no better than the mean return, negative for one worse
+    than that (a diagnostic to log). Unlike the ``1 − Var(G − V) / Var(G)`` some libraries log, it
+    also counts a constant offset between V and G, which biases every advantage GAE computes."""
+    valid = mask.bool()
+    g, v = returns[valid].float(), values[valid].float()
+    variance = g.var(unbiased=False)
+    if variance < 1e-12:
+        return torch.zeros(())
+    return 1 - ((g - v) ** 2).mean() / variance
 
 
 class PolicyLossOutput(NamedTuple):

@@ -26,7 +26,9 @@ one gradient step per mini-batch, clip 0.2):
 
 What the paper does not specify, and what we do: the value model (a scalar-head copy initialised
 from the helpfulness reward model, so it starts out knowing what a good answer is -- a value
-model started from scratch spends the first iterations learning what the RM already knows); GAE
+model started from scratch spends the first iterations learning what the RM already knows --
+with its output put into the returns' units by an affine map fitted on the first rollout,
+``rlhf.fit_value_calibration``: the RM speaks raw logits, the returns whitened scores); GAE
 and its γ/λ; per-token KL (``k1``, the log-ratio; ``k3`` available); the sampling temperature
 (1.0 by default); mini-batches taken in order (the data loader already shuffles the prompts), so
 that a run on N processes computes exactly the numbers of a run on one.
@@ -52,6 +54,8 @@ from torch import Tensor
 from llama2_lit.generation import sample_seed, sequence_logprobs
 from llama2_lit.rlhf import (
     Trajectory,
+    explained_variance,
+    fit_value_calibration,
     gae_advantages,
     kl_per_token,
     logit,
@@ -98,6 +102,9 @@ class PPOModule(StageModule):
         gamma, lam: GAE's discount and λ.
         kl_estimator: ``k1`` (log-ratio) or ``k3``.
         missing_eos_penalty: subtracted from the whitened score of a response that never emitted EOS.
+        calibrate_value: fit ``a · V + c`` to the first rollout's Monte-Carlo returns before its
+            advantages are computed (``rlhf.fit_value_calibration``); False uses the value model's
+            raw output.
         safety_threshold: R_s below it switches R_c to the safety score (paper: 0.15).
         seed: seed of the rollouts' sampling (with the iteration and the prompt's position).
     """
@@ -114,7 +121,8 @@ class PPOModule(StageModule):
                  beta: float = 0.01, temperature: float = 1.0, max_new_tokens: int = 64, mini_batch_size: int = 64,
                  ppo_epochs: int = 1, clip_eps: float = 0.2, value_clip_eps: float = 0.2,
                  value_loss_coef: float = 0.1, gamma: float = 1.0, lam: float = 0.95, kl_estimator: str = "k1",
-                 missing_eos_penalty: float = 1.0, safety_threshold: float = 0.15, seed: int = 0) -> None:
+                 missing_eos_penalty: float = 1.0, calibrate_value: bool = True, safety_threshold: float = 0.15,
+                 seed: int = 0) -> None:
         if init_from is None:
             raise ValueError("PPO starts from a trained policy: set model.init_args.init_from "
                              "(the paper: the rejection-sampling checkpoint)")
@@ -130,6 +138,9 @@ class PPOModule(StageModule):
             raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {kl_estimator!r}")
         self.automatic_optimization = False
         self.value = self.reference = self.reward_helpfulness = self.reward_safety = None
+        # V = scale * (value head) + shift, and whether it was fitted yet: a buffer, so checkpoints
+        # carry it and a resumed run neither refits nor forgets it.
+        self.register_buffer("value_calibration", torch.tensor([1.0, 0.0, 0.0]))
         # The sampler's own log-probs are only a diagnostic: the old log-probs are recomputed with
         # the policy, so an engine generating from a bf16 copy changes nothing downstream.
         self.rollout_engine: RolloutEngine = ConsolidatedRollout()
@@ -231,8 +242,10 @@ class PPOModule(StageModule):
         return self._tokenizer
 
     @torch.no_grad()
-    def rollout(self, batch: dict[str, Any], iteration: int) -> tuple[Trajectory, dict[str, Tensor]]:
-        """Sample, score and compute advantages for one batch of prompts (steps 1-3 above)."""
+    def rollout(self, batch: dict[str, Any], iteration: int,
+                calibrate: bool = False) -> tuple[Trajectory, dict[str, Tensor]]:
+        """Sample, score and compute advantages for one batch of prompts (steps 1-3 above).
+        ``calibrate``: fit the value model's affine map on this rollout if it was not fitted yet."""
         hp = self.hparams
         ids, mask = batch["input_ids"], batch["attention_mask"]
         prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
@@ -262,8 +275,7 @@ class PPOModule(StageModule):
                                          temperature=hp.temperature)[:, P:]
         values = self._values(input_ids, attention_mask, P).float()
 
-        r_help = torch.sigmoid(self.reward_helpfulness.score_sequences(input_ids, attention_mask))
-        r_safe = torch.sigmoid(self.reward_safety.score_sequences(input_ids, attention_mask))
+        r_help, r_safe = self.reward_scores(input_ids, attention_mask, response_mask, batch)
         is_safety = batch["is_safety"].to(self.device).bool()
         r_c = safety_first_reward(r_help, r_safe, is_safety, threshold=hp.safety_threshold)
         score, score_mean, score_std = self._whiten_global(logit(r_c))
@@ -272,7 +284,11 @@ class PPOModule(StageModule):
         missing_eos = ~out.eos_emitted.to(self.device)
         rewards = penalized_token_rewards(score, kl, response_mask, beta=hp.beta, missing_eos=missing_eos,
                                           missing_eos_penalty=hp.missing_eos_penalty)
+        if calibrate and hp.calibrate_value and not bool(self.value_calibration[2]):
+            values = self._calibrate_value(values, rewards, response_mask)
         advantages, returns = gae_advantages(rewards, values, response_mask, gamma=hp.gamma, lam=hp.lam)
+        monte_carlo_returns = gae_advantages(rewards, torch.zeros_like(values), response_mask, gamma=hp.gamma,
+                                             lam=1.0)[1]
         advantages, _, _ = self._whiten_global(advantages, response_mask)
         trajectory = Trajectory(query_ids, query_mask, response_ids, response_mask, logprobs, ref_logprobs, values,
                                 score - hp.missing_eos_penalty * missing_eos.float(), rewards, advantages, returns)
@@ -288,11 +304,27 @@ class PPOModule(StageModule):
             "ppo/eos_fraction": out.eos_emitted.float().mean(),
             "ppo/score_mean_before_whiten": torch.tensor(score_mean),
             "ppo/score_std_before_whiten": torch.tensor(score_std),
+            "ppo/value_explained_variance": explained_variance(self._gather_rows(values),
+                                                               self._gather_rows(monte_carlo_returns),
+                                                               self._gather_rows(response_mask)),
+            "ppo/value_scale": self.value_calibration[0].clone(), "ppo/value_shift": self.value_calibration[1].clone(),
             "ppo/sampler_logprob_error": (sampler - logprobs).abs().masked_fill(~valid, 0).max(),
             "perf/generation_seconds": torch.tensor(generation_seconds),
         }
         self._oracle_rollout_stats(batch, out, stats)
         return trajectory, stats
+
+    def reward_scores(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
+                      batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """R_h and R_s of each rollout, (B,) each, on the sigmoid scale: the frozen reward models read at
+        the dialog's last real token. ``input_ids``/``attention_mask`` hold prompt and response
+        (left-padded prompt, right-padded response), ``response_mask`` the response part alone.
+
+        The one place PPO's reward comes from: a subclass that returns other scores (a rule, the toy
+        world's oracle, a test's synthetic reward) trains against them with everything else --
+        R_c, whitening, the KL penalty, GAE -- unchanged."""
+        return (torch.sigmoid(self.reward_helpfulness.score_sequences(input_ids, attention_mask)),
+                torch.sigmoid(self.reward_safety.score_sequences(input_ids, attention_mask)))
 
     def generate_rollouts(self, prompts: list[list[int]], seeds: list[int]):
         """One response per prompt: pure sampling (top-p 1) at ``temperature``, through the rollout
@@ -304,9 +336,21 @@ class PPOModule(StageModule):
 
     def _values(self, input_ids: Tensor, attention_mask: Tensor, prompt_width: int) -> Tensor:
         """V of the state before each response token: the value head at the position whose logits
-        predict that token (one to the left), aligned with the response tokens."""
-        values = self.value.scalar_outputs(input_ids, attention_mask=attention_mask)
-        return values[:, prompt_width - 1:-1]
+        predict that token (one to the left), aligned with the response tokens, through the
+        calibration's affine map."""
+        values = self.value.scalar_outputs(input_ids, attention_mask=attention_mask)[:, prompt_width - 1:-1]
+        scale, shift = self.value_calibration[0], self.value_calibration[1]
+        return values * scale + shift
+
+    def _calibrate_value(self, values: Tensor, rewards: Tensor, response_mask: Tensor) -> Tensor:
+        """Fit ``a · V + c`` to this rollout's Monte-Carlo returns (every rank's rows, so every rank
+        fits the same map), store it, and return the calibrated values."""
+        returns = gae_advantages(rewards, torch.zeros_like(values), response_mask, gamma=self.hparams.gamma,
+                                 lam=1.0)[1]
+        scale, shift = fit_value_calibration(self._gather_rows(values), self._gather_rows(returns),
+                                             self._gather_rows(response_mask))
+        self.value_calibration.copy_(torch.tensor([scale, shift, 1.0]))
+        return values * scale + shift
 
     def _oracle_rollout_stats(self, batch: dict[str, Any], out, stats: dict[str, Tensor]) -> None:
         """The toy world's oracle on the training rollouts, next to the RM's reward (reward hacking shows
@@ -328,7 +372,7 @@ class PPOModule(StageModule):
             self.check_batch(batch)
             self._batch_checked = True
         iteration = self.global_step // self.steps_per_iteration
-        trajectory, stats = self.rollout(batch, iteration)
+        trajectory, stats = self.rollout(batch, iteration, calibrate=True)
         # The base counted the prompt tokens before the step; the responses exist only now.
         batch["response_tokens"] = int(trajectory.response_mask.sum())
         self.tokens_seen += batch["response_tokens"] * self.trainer.world_size
