@@ -576,6 +576,21 @@ def test_prompts_are_left_padded_with_masks_safety_tags_messages_and_meta(tmp_pa
     assert isinstance(train_batch["messages"], list) and len(train_batch["meta"]) == 2
 
 
+def test_prompt_batches_are_whole_so_every_ppo_iteration_has_the_same_prompts_count(tmp_path, meta_tokenizer_path):
+    path = write_jsonl(tmp_path / "prompts.jsonl",
+                       [{"messages": [{"role": "user", "content": f"Question {i}?"}], "is_safety": False} for i in range(7)])
+    dm = PromptsDataModule(str(meta_tokenizer_path), [path], val_files=[path], batch_size=3)
+    dm.setup("fit")
+    assert [len(b["messages"]) for b in dm.train_dataloader()] == [3, 3]  # the 7th prompt waits for the next epoch
+    kept = PromptsDataModule(str(meta_tokenizer_path), [path], val_files=[path], batch_size=3, drop_last=False)
+    kept.setup("fit")
+    assert [len(b["messages"]) for b in kept.train_dataloader()] == [3, 3, 1]
+    too_few = PromptsDataModule(str(meta_tokenizer_path), [path], val_files=[path], batch_size=8)
+    too_few.setup("fit")
+    with pytest.raises(ValueError, match="7 training records make no whole batch of 8"):
+        too_few.train_dataloader()
+
+
 # ============================================================================== the toy world
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory) -> Path:

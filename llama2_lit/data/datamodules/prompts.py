@@ -37,6 +37,9 @@ class PromptsDataModule(_RecordsDataModule):
         train_files: files of ``prompts`` records.
         max_prompt_len: longest prompt in tokens (earliest exchanges are dropped to fit; leave
             room for the response within the model's context).
+        drop_last: drop each epoch's last, smaller training batch, so that every PPO iteration
+            is a whole batch (the paper's 512 prompts) with the same number of optimizer steps:
+            PPO counts its iterations, seeds its rollouts and names its checkpoints by them.
         **records: the options of every record DataModule (``train_weights``, ``val_files``,
             ``val_fraction``, ``batch_size``, ``val_batch_size``, ``skip_too_long``, ``seed``,
             ``num_workers``; see ``_RecordsDataModule``).
@@ -45,9 +48,10 @@ class PromptsDataModule(_RecordsDataModule):
     kind = "prompts"
 
     def __init__(self, tokenizer_path: str, train_files: list[str], max_prompt_len: int = 256,
-                 **records: Any) -> None:
+                 drop_last: bool = True, **records: Any) -> None:
         super().__init__(tokenizer_path, train_files, **records)
         self.max_prompt_len = max_prompt_len
+        self.drop_last = drop_last
 
     def encode(self, record: dict[str, Any]) -> dict[str, Any]:
         """One ``prompts`` record: prompt ids, safety tag, raw messages and metadata."""
