@@ -284,11 +284,12 @@ class PPOModule(StageModule):
         missing_eos = ~out.eos_emitted.to(self.device)
         rewards = penalized_token_rewards(score, kl, response_mask, beta=hp.beta, missing_eos=missing_eos,
                                           missing_eos_penalty=hp.missing_eos_penalty)
-        if calibrate and hp.calibrate_value and not bool(self.value_calibration[2]):
-            values = self._calibrate_value(values, rewards, response_mask)
-        advantages, returns = gae_advantages(rewards, values, response_mask, gamma=hp.gamma, lam=hp.lam)
+        # Reward-to-go (GAE with λ = 1 and V = 0): what V predicts, independent of V.
         monte_carlo_returns = gae_advantages(rewards, torch.zeros_like(values), response_mask, gamma=hp.gamma,
                                              lam=1.0)[1]
+        if calibrate and hp.calibrate_value and not bool(self.value_calibration[2]):
+            values = self._calibrate_value(values, monte_carlo_returns, response_mask)
+        advantages, returns = gae_advantages(rewards, values, response_mask, gamma=hp.gamma, lam=hp.lam)
         advantages, _, _ = self._whiten_global(advantages, response_mask)
         trajectory = Trajectory(query_ids, query_mask, response_ids, response_mask, logprobs, ref_logprobs, values,
                                 score - hp.missing_eos_penalty * missing_eos.float(), rewards, advantages, returns)
@@ -342,11 +343,9 @@ class PPOModule(StageModule):
         scale, shift = self.value_calibration[0], self.value_calibration[1]
         return values * scale + shift
 
-    def _calibrate_value(self, values: Tensor, rewards: Tensor, response_mask: Tensor) -> Tensor:
+    def _calibrate_value(self, values: Tensor, returns: Tensor, response_mask: Tensor) -> Tensor:
         """Fit ``a · V + c`` to this rollout's Monte-Carlo returns (every rank's rows, so every rank
         fits the same map), store it, and return the calibrated values."""
-        returns = gae_advantages(rewards, torch.zeros_like(values), response_mask, gamma=self.hparams.gamma,
-                                 lam=1.0)[1]
         scale, shift = fit_value_calibration(self._gather_rows(values), self._gather_rows(returns),
                                              self._gather_rows(response_mask))
         self.value_calibration.copy_(torch.tensor([scale, shift, 1.0]))
