@@ -405,8 +405,8 @@ BUDGETS: dict[str, Budget] = {
                     # One validation at the end, over every held-out pair (the static ones and this
                     # version's fresh ones come one after the other: a batch limit would cut the fresh ones).
                     reward=_steps(120, 120) + (("--trainer.limit_val_batches", 1.0),),
-                    ppo=(("--trainer.max_steps", 40), ("--trainer.val_check_interval", 5),  # 10 iterations
-                         ("--checkpoint.every_n_train_steps", 20), ("--trainer.limit_val_batches", 1)),
+                    ppo=(("--trainer.max_steps", 80), ("--trainer.val_check_interval", 5),  # 20 iterations
+                         ("--checkpoint.every_n_train_steps", 40), ("--trainer.limit_val_batches", 1)),
                     gatt=_steps(60, 60) + (("--trainer.limit_val_batches", 5),),
                     context_distillation=_steps(40, 40) + (("--trainer.limit_val_batches", 5),),
                     rejection_sampling=_steps(60, 60) + (("--trainer.limit_val_batches", 5),
