@@ -137,6 +137,9 @@ def _record_key(record: dict[str, Any]) -> str:
 class _StageDataModule(L.LightningDataModule):
     """What the four DataModules share: tokenizer, loaders, train/val sources."""
 
+    drop_last: bool = False
+    """Drop each epoch's last, smaller training batch (PPO's prompts set it: whole iterations)."""
+
     def __init__(self, *, tokenizer_path: str, batch_size: int, val_batch_size: int | None, seed: int,
                  num_workers: int) -> None:
         super().__init__()
@@ -166,7 +169,7 @@ class _StageDataModule(L.LightningDataModule):
         self._require_setup()
         if len(self.train_dataset) == 0:  # type: ignore[arg-type]
             raise ValueError(f"{type(self).__name__}: the training set is empty")
-        drop_last = getattr(self, "drop_last", False)
+        drop_last = self.drop_last
         if drop_last and len(self.train_dataset) < self.batch_size:  # type: ignore[arg-type]
             raise ValueError(f"{type(self).__name__}: {len(self.train_dataset)} training records "  # type: ignore[arg-type]
                              f"make no whole batch of {self.batch_size} (drop_last)")
