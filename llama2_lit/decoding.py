@@ -63,10 +63,12 @@ from __future__ import annotations
 
 import math
 import weakref
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from llama2_lit.model import KVCache, Transformer
 
@@ -343,6 +345,19 @@ def ambient_matmul_dtype(parameter: Tensor) -> torch.dtype | None:
 _kept: weakref.WeakKeyDictionary[Transformer, tuple[tuple, dict[torch.dtype, FusedDecoder]]] = \
     weakref.WeakKeyDictionary()
 
+# Optimizer steps taken in this process, by any optimizer. A fused optimizer (``AdamW(fused=True)``,
+# what the stages use) writes the parameters in one kernel that bumps no version counter, so the
+# versions alone would keep serving the weights of before the step.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
 
 def fused_decoder(model: Transformer, matmul_dtype: torch.dtype | None = None) -> FusedDecoder:
     """The ``FusedDecoder`` of ``model`` with its blocks' matmuls in ``matmul_dtype`` (default:
@@ -350,16 +365,17 @@ def fused_decoder(model: Transformer, matmul_dtype: torch.dtype | None = None) -
     earlier call if no parameter has changed since, else a new one (kept if the model's weights
     take at most ``KEPT_BYTES``).
 
-    A change is any in-place update of a parameter (an optimizer step, ``load_state_dict``, a
-    ``copy_`` under ``no_grad``: each bumps the tensor's version counter) or a new tensor in its
-    place (``.to(dtype)``, ``load_state_dict(assign=True)``). One decoder per matmul dtype is kept
+    A change is any optimizer step in the process (counted by a global step hook: a fused
+    optimizer bumps no version counter), any other in-place update of a parameter
+    (``load_state_dict``, a ``copy_`` under ``no_grad``: each bumps the tensor's version counter)
+    or a new tensor in its place (``.to(dtype)``, ``load_state_dict(assign=True)``). One decoder per matmul dtype is kept
     (an fp32 evaluation between bf16-autocast rollouts of the same weights rebuilds neither), for
     one model only, and they are dropped with the model.
     """
     if matmul_dtype is None:
         parameter = next(model.parameters())
         matmul_dtype = ambient_matmul_dtype(parameter) or parameter.dtype
-    signature = tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
+    signature = (_optimizer_steps, *((id(p), p.data_ptr(), p._version) for p in model.parameters()))
     kept = _kept.get(model)
     if kept is not None and kept[0] == signature:
         if matmul_dtype in kept[1]:

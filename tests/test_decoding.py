@@ -224,9 +224,13 @@ def test_the_kept_decoder_is_rebuilt_after_any_change_to_the_parameters():
     greedy = dict(max_new_tokens=6, temperature=0.0, eos_id=None)
     before = generate(model, PROMPTS, **greedy).response_ids
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # a training step changes the weights
+    # A training step changes the weights. A fused optimizer writes them without bumping their
+    # version counters (the stages' AdamW is fused): the step itself must be seen.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
     model(torch.tensor([PROMPTS[0]])).sum().backward()
+    versions = [p._version for p in model.parameters()]
     optimizer.step()
+    assert [p._version for p in model.parameters()] == versions  # why the versions are not enough
     after_step = fused_decoder(model)
     assert after_step is not first
     stepped = generate(model, PROMPTS, **greedy).response_ids
