@@ -480,20 +480,24 @@ def sequence_logprobs(model: Transformer, input_ids: Tensor, attention_mask: Ten
     if scored[:, 0].any():
         raise ValueError("the first position of a sequence cannot be scored (it has no context)")
     mask = None if attention_mask is None or bool(real.all()) else attention_mask
-    logits = model(input_ids, attention_mask=mask)[:, :-1]
+    # The LM head only where a scored token is predicted: from the column before the first scored
+    # one (a PPO batch's prompt columns, often most of it, need no logits, no log-softmax).
+    first = int(scored.any(0).int().argmax()) if bool(scored.any()) else max(1, input_ids.shape[1] - 1)
+    h = model.hidden_states(input_ids, attention_mask=mask)
+    logits = model.logits(h[:, first - 1:-1])
     if temperature != 1.0:
         logits = logits / temperature
-    targets = input_ids[:, 1:, None]
+    targets = input_ids[:, first:, None]
     # Gather then subtract logsumexp: never materialises a second (batch, seq, vocab) tensor.
     log_normalizer = logits.logsumexp(dim=-1)
-    token_logprobs = F.pad(logits.gather(-1, targets).squeeze(-1) - log_normalizer, (1, 0)).masked_fill(~scored, 0.0)
+    token_logprobs = F.pad(logits.gather(-1, targets).squeeze(-1) - log_normalizer, (first, 0)).masked_fill(~scored, 0.0)
     if not return_entropy:
         return token_logprobs
     from llama2_lit.rlhf.ppo import entropy_from_logits
 
     with torch.no_grad():
         entropy = entropy_from_logits(logits)
-    return token_logprobs, F.pad(entropy, (1, 0)).masked_fill(~scored, 0.0)
+    return token_logprobs, F.pad(entropy, (first, 0)).masked_fill(~scored, 0.0)
 
 
 # ---------------------------------------------------------------------------------------- helpers

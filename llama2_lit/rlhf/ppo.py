@@ -61,6 +61,24 @@ class Trajectory(NamedTuple):
         """The rows ``index`` of every tensor (a PPO mini-batch)."""
         return Trajectory(*(t[index] for t in self))
 
+    def trim_padding(self) -> Trajectory:
+        """The same rows without the columns that are padding in every row: the leading prompt
+        columns and the trailing response columns. A mini-batch's rows are a few of the batch's,
+        so its longest prompt and response are usually shorter than the batch's; the forward and
+        backward passes then skip what no row needs. Real tokens keep their positions (counted
+        over real tokens) and what they attend to, so every number is the same."""
+        prompt_real = self.query_mask.bool().any(0)
+        begin = int(prompt_real.int().argmax()) if bool(prompt_real.any()) else self.query_mask.shape[1]
+        response_real = self.response_mask.bool().any(0)
+        end = int(response_real.nonzero().max()) + 1 if bool(response_real.any()) else 0
+        fields = self._asdict()
+        for name in ("query_ids", "query_mask"):
+            fields[name] = fields[name][:, begin:]
+        for name in ("response_ids", "response_mask", "logprobs", "ref_logprobs", "values", "rewards",
+                     "advantages", "returns"):
+            fields[name] = fields[name][:, :end]
+        return Trajectory(**fields)
+
 
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
     """``rewards.whiten`` over the valid positions of ``mask`` (used on the advantages)."""

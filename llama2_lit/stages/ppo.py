@@ -71,6 +71,26 @@ from llama2_lit.rollout import ConsolidatedRollout, RolloutEngine
 from llama2_lit.stages.base import BatchContract, StageModule
 from llama2_lit.stages.models import ModelSource
 
+def length_sorted_chunks(attention_mask: Tensor, size: int) -> list[tuple[Tensor, int, int]]:
+    """Rows of a padded batch in chunks of at most ``size``, shortest first, each with the column
+    span ``[begin, end)`` that holds every real token of its rows.
+
+    The rollout's scoring passes (no gradients: the old and reference log-probs, the values, the
+    rewards) treat each row on its own, so which rows share a pass changes no number beyond float
+    rounding -- only how many padding columns are computed: rows of like length together leave
+    few. (The update's mini-batches keep the loader's order: their composition is part of the
+    optimisation.) Chunks also bound the scoring's peak memory to a mini-batch's."""
+    real = attention_mask.bool()
+    columns = torch.arange(real.shape[1], device=real.device)
+    first = torch.where(real, columns, real.shape[1]).min(1).values
+    last = torch.where(real, columns, -1).max(1).values
+    order = torch.argsort(last - first, stable=True)
+    chunks = []
+    for rows in order.split(size):
+        chunks.append((rows, int(first[rows].min()), int(last[rows].max()) + 1))
+    return chunks
+
+
 PROMPT_BATCH = BatchContract(required=("input_ids", "attention_mask", "is_safety"), token_ids=("input_ids",),
                              same_shape=(("attention_mask", "input_ids"),))
 """A batch of left-padded prompts (``PromptsDataModule``), with the safety tag of each."""
@@ -268,12 +288,17 @@ class PPOModule(StageModule):
         scored = torch.cat([torch.zeros_like(query_mask), response_mask], 1)
         P = query_ids.shape[1]
 
-        logprobs, entropy = sequence_logprobs(self.model, input_ids, attention_mask, response_mask=scored,
-                                              temperature=hp.temperature, return_entropy=True)
-        logprobs, entropy = logprobs[:, P:], entropy[:, P:]
-        ref_logprobs = sequence_logprobs(self.reference, input_ids, attention_mask, response_mask=scored,
-                                         temperature=hp.temperature)[:, P:]
-        values = self._values(input_ids, attention_mask, P).float()
+        logprobs, entropy, ref_logprobs, values = (torch.zeros_like(input_ids, dtype=torch.float32) for _ in range(4))
+        for rows, begin, end in length_sorted_chunks(attention_mask, hp.mini_batch_size):
+            ids, real, target = (x[rows, begin:end] for x in (input_ids, attention_mask, scored))
+            logprobs[rows, begin:end], entropy[rows, begin:end] = sequence_logprobs(
+                self.model, ids, real, response_mask=target, temperature=hp.temperature, return_entropy=True)
+            ref_logprobs[rows, begin:end] = sequence_logprobs(self.reference, ids, real, response_mask=target,
+                                                              temperature=hp.temperature)
+            # V of the state before each token: the value head one position to the left.
+            values[rows, begin + 1:end] = self.value.scalar_outputs(ids, attention_mask=real)[:, :-1].float()
+        logprobs, entropy, ref_logprobs = logprobs[:, P:], entropy[:, P:], ref_logprobs[:, P:]
+        values = values[:, P:] * self.value_calibration[0] + self.value_calibration[1]
 
         r_help, r_safe = self.reward_scores(input_ids, attention_mask, response_mask, batch)
         is_safety = batch["is_safety"].to(self.device).bool()
@@ -324,8 +349,13 @@ class PPOModule(StageModule):
         The one place PPO's reward comes from: a subclass that returns other scores (a rule, the toy
         world's oracle, a test's synthetic reward) trains against them with everything else --
         R_c, whitening, the KL penalty, GAE -- unchanged."""
-        return (torch.sigmoid(self.reward_helpfulness.score_sequences(input_ids, attention_mask)),
-                torch.sigmoid(self.reward_safety.score_sequences(input_ids, attention_mask)))
+        r_help = torch.empty(input_ids.shape[0], device=input_ids.device)
+        r_safe = torch.empty_like(r_help)
+        for rows, begin, end in length_sorted_chunks(attention_mask, self.hparams.mini_batch_size):
+            ids, real = input_ids[rows, begin:end], attention_mask[rows, begin:end]
+            r_help[rows] = self.reward_helpfulness.score_sequences(ids, real)
+            r_safe[rows] = self.reward_safety.score_sequences(ids, real)
+        return torch.sigmoid(r_help), torch.sigmoid(r_safe)
 
     def generate_rollouts(self, prompts: list[list[int]], seeds: list[int]):
         """One response per prompt: pure sampling (top-p 1) at ``temperature``, through the rollout
@@ -380,7 +410,7 @@ class PPOModule(StageModule):
         first = True
         for _ in range(hp.ppo_epochs):
             for begin in range(0, rows, hp.mini_batch_size):
-                mini = trajectory.select(slice(begin, begin + hp.mini_batch_size))
+                mini = trajectory.select(slice(begin, begin + hp.mini_batch_size)).trim_padding()
                 policy, value = self._losses(mini)
                 loss = policy.loss + hp.value_loss_coef * value.loss
                 self.check_finite_loss(loss, batch_idx)
