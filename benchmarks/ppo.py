@@ -41,6 +41,7 @@ machine shared with other work, wall time includes waiting for a core, CPU time 
     python benchmarks/ppo.py                         # micro (dim 256, 6 layers), 6 timed rounds
     python benchmarks/ppo.py --size nano --rounds 4
     python benchmarks/ppo.py --threads 1             # on a machine shared with other work
+    python benchmarks/ppo.py --precision bf16        # both sides under bf16 autocast (CPUs with bf16 units)
 
 On a CPU that other processes keep busy, several threads per process wait on each other at every
 small kernel, and a decode loop of small kernels suffers most: there, ``--threads 1`` measures the
@@ -94,7 +95,7 @@ class TRLSide:
     """TRL's ``PPOTrainer`` with our settings; ``iteration(prompt_ids)`` runs one PPO iteration on them."""
 
     def __init__(self, paths: dict[str, Path], *, batch_size: int, mini_batches: int, response_length: int,
-                 scratch: Path) -> None:
+                 bf16: bool, scratch: Path) -> None:
         import datasets
         import transformers
         import trl.experimental.ppo.ppo_trainer as ppo_trainer
@@ -113,7 +114,7 @@ class TRLSide:
         policy.generation_config.pad_token_id = PAD_TOKEN
         self.eos_id = tokenizer.eos_token_id
         args = PPOConfig(
-            output_dir=str(scratch), report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False,
+            output_dir=str(scratch), report_to=[], use_cpu=True, bf16=bf16, gradient_checkpointing=False,
             disable_tqdm=True, save_strategy="no", logging_steps=10**9, seed=0, dataloader_num_workers=0,
             # One iteration per train() call: a batch of `batch_size` prompts, one response each.
             per_device_train_batch_size=batch_size, gradient_accumulation_steps=1, total_episodes=batch_size,
@@ -194,7 +195,7 @@ class _BenchmarkCLI(StageCLI):
 
 
 def run_ours(paths: dict[str, Path], size: str, *, batch_size: int, mini_batch_size: int, response_length: int,
-             iterations: int, run_dir: Path, callback: Callback) -> None:
+             iterations: int, bf16: bool, run_dir: Path, callback: Callback) -> None:
     args = ["fit", "--config", f"configs/{size}/ppo.yaml", "--model.init_args.init_from", str(paths["policy"]),
             "--model.init_args.value_from", str(paths["rm_help"]),
             "--model.init_args.reward_helpfulness", str(paths["rm_help"]),
@@ -206,7 +207,7 @@ def run_ours(paths: dict[str, Path], size: str, *, batch_size: int, mini_batch_s
             "--model.init_args.value_loss_coef", str(VALUE_COEF), "--model.init_args.gamma", str(GAMMA),
             "--model.init_args.lam", str(LAM), "--model.init_args.kl_estimator", "k1",
             "--model.init_args.missing_eos_penalty", str(MISSING_EOS_PENALTY),
-            "--data.init_args.batch_size", str(batch_size), "--trainer.precision", "32-true",
+            "--data.init_args.batch_size", str(batch_size), "--trainer.precision", "bf16-mixed" if bf16 else "32-true",
             "--trainer.max_steps", str(iterations * -(-batch_size // mini_batch_size)),
             "--trainer.limit_val_batches", "0", "--trainer.callbacks", "[]",
             "--checkpoint.every_n_train_steps", str(10**9), "--run.dir", str(run_dir), "--run.wandb", "false",
@@ -228,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--response-length", type=int, default=32, help="most tokens per response")
     parser.add_argument("--rounds", type=int, default=6, help="timed iterations per side (after one warm-up)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="bf16: both sides under bf16 autocast with fp32 weights (ours bf16-mixed, TRL bf16=True)")
     args = parser.parse_args(argv)
     if args.batch_size % args.mini_batches:
         parser.error(f"--batch-size {args.batch_size} is not a multiple of --mini-batches {args.mini_batches}")
@@ -240,10 +243,11 @@ def main(argv: list[str] | None = None) -> None:
             root = Path(scratch)
             paths = make_models(args.size, root)
             trl = TRLSide(paths, batch_size=args.batch_size, mini_batches=args.mini_batches,
-                          response_length=args.response_length, scratch=root / "trl")
+                          response_length=args.response_length, bf16=args.precision == "bf16", scratch=root / "trl")
             callback = InterleavedTRL(trl)
             run_ours(paths, args.size, batch_size=args.batch_size, mini_batch_size=args.batch_size // args.mini_batches,
-                     response_length=args.response_length, iterations=args.rounds + 1, run_dir=root / "run",
+                     response_length=args.response_length, iterations=args.rounds + 1,
+                     bf16=args.precision == "bf16", run_dir=root / "run",
                      callback=callback)
     report(args, callback)
 
@@ -264,7 +268,7 @@ def report(args: argparse.Namespace, callback: InterleavedTRL) -> None:
     print(f"\n{args.size} (dim {config.dim}, {config.n_layers} layers, {config.num_parameters():,} parameters), "
           f"{args.batch_size} prompts, {args.mini_batches} mini-batches of {args.batch_size // args.mini_batches} "
           f"(one optimizer step each), responses of at most {args.response_length} tokens, "
-          f"medians of {len(callback.ours) - 1} interleaved iterations, {torch.get_num_threads()} threads")
+          f"medians of {len(callback.ours) - 1} interleaved iterations, {torch.get_num_threads()} threads, {args.precision}")
     print_table(["contender", "s/iteration", "CPU s/iteration", "generation s", "generation share", "rest s",
                  "mean response tokens"], rows)
     print(f"ratio trl / llama2_lit seconds per iteration: {seconds['trl 1.12'] / seconds['llama2_lit']:.2f}x "
