@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/generation.py
 	$(BIN)/python benchmarks/reward_model.py
 	$(BIN)/python benchmarks/ppo.py
+	$(BIN)/python benchmarks/ppo.py --precision bf16
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs wandb lightning_logs
