@@ -21,7 +21,8 @@ from llama2_lit.checkpoints import load_model, save_model
 from llama2_lit.config import ModelConfig
 from llama2_lit.model import Transformer
 from llama2_lit.stages.cli import lightning_main
-from llama2_lit.stages.ppo import PPOModule, rollout_seed
+from llama2_lit.generation import sequence_logprobs
+from llama2_lit.stages.ppo import PPOModule, length_sorted_chunks, rollout_seed
 from llama2_lit.stages.toy_world import TOKENIZER_PATH, ensure_toy_assets
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -182,3 +183,40 @@ def test_rollout_seeds_depend_on_the_prompt_not_the_batch():
 def test_ppo_refuses_a_run_without_a_policy_checkpoint():
     with pytest.raises(ValueError, match="init_from"):
         PPOModule(preset="nano", value_from="v", reward_helpfulness="h", reward_safety="s")
+
+
+def test_scoring_in_length_sorted_chunks_gives_the_numbers_of_one_padded_pass():
+    """The rollout scores its batch in chunks of like-length rows cut to their real columns
+    (``length_sorted_chunks``): every row once, shortest first, and the same log-probs and reward
+    scores as one pass over the whole padded batch, up to float summation order."""
+    torch.manual_seed(0)
+    config = ModelConfig.from_name("nano")
+    policy, reward = Transformer(config).eval(), Transformer(config, lm_head=False, scalar_head=True).eval()
+    prompt_lengths, response_lengths = [3, 9, 1, 6, 2], [4, 1, 5, 2, 3]
+    P, T = max(prompt_lengths), max(response_lengths)
+    ids = torch.randint(3, config.vocab_size, (5, P + T))
+    mask = torch.zeros(5, P + T, dtype=torch.long)
+    scored = torch.zeros_like(mask)
+    for row, (p, r) in enumerate(zip(prompt_lengths, response_lengths)):
+        mask[row, P - p:P + r] = 1
+        scored[row, P:P + r] = 1
+
+    chunks = length_sorted_chunks(mask, 2)
+    assert sorted(torch.cat([rows for rows, _, _ in chunks]).tolist()) == [0, 1, 2, 3, 4]
+    lengths = [p + r for p, r in zip(prompt_lengths, response_lengths)]
+    assert [lengths[i] for rows, _, _ in chunks for i in rows.tolist()] == sorted(lengths)
+    for rows, begin, end in chunks:  # each span holds every real token of its rows, and no column more
+        inside = mask[rows, begin:end]
+        assert int(inside.sum()) == int(mask[rows].sum()) and bool(inside[:, 0].any()) and bool(inside[:, -1].any())
+
+    with torch.no_grad():
+        whole = sequence_logprobs(policy, ids, mask, response_mask=scored)
+        whole_scores = reward.score_sequences(ids, mask)
+        chunked = torch.zeros_like(whole)
+        chunked_scores = torch.zeros_like(whole_scores)
+        for rows, begin, end in chunks:
+            chunked[rows, begin:end] = sequence_logprobs(policy, ids[rows, begin:end], mask[rows, begin:end],
+                                                         response_mask=scored[rows, begin:end])
+            chunked_scores[rows] = reward.score_sequences(ids[rows, begin:end], mask[rows, begin:end])
+    assert torch.allclose(chunked, whole, atol=1e-5) and bool((whole[scored.bool()] < 0).all())
+    assert torch.allclose(chunked_scores, whole_scores, atol=1e-5)

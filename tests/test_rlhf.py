@@ -281,3 +281,23 @@ def test_trajectory_select_slices_every_field():
     assert mini.score.tolist() == [2.0, 0.0]
     assert mini.response_ids[:, 0].tolist() == [8, 0]
     assert all(field.shape[0] == 2 for field in mini)
+
+
+def test_trajectory_trim_padding_drops_only_columns_that_are_padding_in_every_row():
+    # Row 0: prompt of 1 token, response of 2; row 1: prompt of 2, response of 1 (left-padded
+    # prompts of width 4, right-padded responses of width 5).
+    query_mask = torch.tensor([[0, 0, 0, 1], [0, 0, 1, 1]])
+    response_mask = torch.tensor([[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]])
+    per_token = torch.arange(10, dtype=torch.float32).view(2, 5)
+    traj = Trajectory(query_ids=torch.arange(8).view(2, 4), query_mask=query_mask,
+                      response_ids=torch.arange(10).view(2, 5), response_mask=response_mask,
+                      logprobs=per_token, ref_logprobs=per_token + 1, values=per_token + 2,
+                      score=torch.tensor([0.5, -0.5]), rewards=per_token + 3, advantages=per_token + 4,
+                      returns=per_token + 5)
+    trimmed = traj.trim_padding()
+    assert trimmed.query_ids.tolist() == [[2, 3], [6, 7]] and trimmed.query_mask.tolist() == [[0, 1], [1, 1]]
+    assert trimmed.response_ids.tolist() == [[0, 1], [5, 6]] and trimmed.response_mask.tolist() == [[1, 1], [1, 0]]
+    for name in ("logprobs", "ref_logprobs", "values", "rewards", "advantages", "returns"):
+        assert torch.equal(getattr(trimmed, name), getattr(traj, name)[:, :2]), name
+    assert torch.equal(trimmed.score, traj.score)
+    assert traj.select(slice(0, 1)).trim_padding().query_ids.tolist() == [[3]]  # row 0 alone: its one prompt token

@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 from llama2_lit.generation import sample_seed, sequence_logprobs
@@ -70,6 +71,7 @@ from llama2_lit.rlhf import (
 from llama2_lit.rollout import ConsolidatedRollout, RolloutEngine
 from llama2_lit.stages.base import BatchContract, StageModule
 from llama2_lit.stages.models import ModelSource
+
 
 def length_sorted_chunks(attention_mask: Tensor, size: int) -> list[tuple[Tensor, int, int]]:
     """Rows of a padded batch in chunks of at most ``size``, shortest first, each with the column
@@ -280,8 +282,8 @@ class PPOModule(StageModule):
         # batch-wide statistics.
         width = self._global_max(out.response_ids.shape[1])
         pad = width - out.response_ids.shape[1]
-        response_ids = torch.nn.functional.pad(out.response_ids, (0, pad))
-        response_mask = torch.nn.functional.pad(out.response_mask, (0, pad))
+        response_ids = F.pad(out.response_ids, (0, pad))
+        response_mask = F.pad(out.response_mask, (0, pad))
         query_ids, query_mask = out.prompt_ids, out.prompt_mask
         input_ids = torch.cat([query_ids, response_ids], 1)
         attention_mask = torch.cat([query_mask, response_mask], 1)
@@ -295,10 +297,8 @@ class PPOModule(StageModule):
                 self.model, ids, real, response_mask=target, temperature=hp.temperature, return_entropy=True)
             ref_logprobs[rows, begin:end] = sequence_logprobs(self.reference, ids, real, response_mask=target,
                                                               temperature=hp.temperature)
-            # V of the state before each token: the value head one position to the left.
-            values[rows, begin + 1:end] = self.value.scalar_outputs(ids, attention_mask=real)[:, :-1].float()
-        logprobs, entropy, ref_logprobs = logprobs[:, P:], entropy[:, P:], ref_logprobs[:, P:]
-        values = values[:, P:] * self.value_calibration[0] + self.value_calibration[1]
+            values[rows, begin:end] = self._values(ids, real)
+        logprobs, entropy, ref_logprobs, values = (x[:, P:] for x in (logprobs, entropy, ref_logprobs, values))
 
         r_help, r_safe = self.reward_scores(input_ids, attention_mask, response_mask, batch)
         is_safety = batch["is_safety"].to(self.device).bool()
@@ -320,7 +320,7 @@ class PPOModule(StageModule):
                                 score - hp.missing_eos_penalty * missing_eos.float(), rewards, advantages, returns)
 
         # Sampler log-probs vs the recomputed ones: equal up to float noise unless something differs.
-        sampler = torch.nn.functional.pad(out.logprobs, (0, pad))
+        sampler = F.pad(out.logprobs, (0, pad))
         stats = {
             "ppo/reward_rc": r_c.mean(), "ppo/reward_helpfulness": r_help.mean(), "ppo/reward_safety": r_safe.mean(),
             "ppo/safety_reward_share": uses_safety_reward(r_safe, is_safety, hp.safety_threshold).float().mean(),
@@ -365,11 +365,11 @@ class PPOModule(StageModule):
                                    temperature=self.hparams.temperature, top_p=1.0, eos_id=self.tokenizer.eos_id,
                                    generator=seeds)
 
-    def _values(self, input_ids: Tensor, attention_mask: Tensor, prompt_width: int) -> Tensor:
-        """V of the state before each response token: the value head at the position whose logits
-        predict that token (one to the left), aligned with the response tokens, through the
-        calibration's affine map."""
-        values = self.value.scalar_outputs(input_ids, attention_mask=attention_mask)[:, prompt_width - 1:-1]
+    def _values(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """V of the state before each token, (B, S) fp32 aligned with ``input_ids``: the value head
+        at the position whose logits predict that token (one to the left; column 0 has none and is
+        0), through the calibration's affine map."""
+        values = F.pad(self.value.scalar_outputs(input_ids, attention_mask=attention_mask)[:, :-1].float(), (1, 0))
         scale, shift = self.value_calibration[0], self.value_calibration[1]
         return values * scale + shift
 
@@ -440,7 +440,7 @@ class PPOModule(StageModule):
         scored = torch.cat([torch.zeros_like(mini.query_mask), mini.response_mask], 1)
         logprobs = sequence_logprobs(self.model, input_ids, attention_mask, response_mask=scored,
                                      temperature=hp.temperature)[:, P:]
-        values = self._values(input_ids, attention_mask, P).float()
+        values = self._values(input_ids, attention_mask)[:, P:]
         policy = ppo_policy_loss(logprobs, mini.logprobs, mini.advantages, mini.response_mask, clip_eps=hp.clip_eps)
         value = ppo_value_loss(values, mini.values, mini.returns, mini.response_mask, clip_eps=hp.value_clip_eps)
         local = mini.response_mask.sum().float()
