@@ -1,6 +1,6 @@
 """Training-step speed: our ``Transformer`` against HF ``LlamaForCausalLM``, same config, same math.
 
-One step = forward, cross-entropy over all positions, backward, AdamW (the paper's settings,
+One step = forward, cross-entropy over all positions, backward, fused AdamW (the paper's settings,
 section 2.2: betas 0.9/0.95, eps 1e-5, weight decay 0.1), on the same weights, in two precisions:
 
 * ``fp32``: everything fp32;
@@ -52,7 +52,8 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
+    # Fused, as both sides train: our stages, and HF's Trainer by default (``adamw_torch_fused``).
+    return torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1, fused=True)
 
 
 def autocast(precision: str):
