@@ -368,9 +368,9 @@ def fused_decoder(model: Transformer, matmul_dtype: torch.dtype | None = None) -
     A change is any optimizer step in the process (counted by a global step hook: a fused
     optimizer bumps no version counter), any other in-place update of a parameter
     (``load_state_dict``, a ``copy_`` under ``no_grad``: each bumps the tensor's version counter)
-    or a new tensor in its place (``.to(dtype)``, ``load_state_dict(assign=True)``). One decoder per matmul dtype is kept
-    (an fp32 evaluation between bf16-autocast rollouts of the same weights rebuilds neither), for
-    one model only, and they are dropped with the model.
+    or a new tensor in its place (``.to(dtype)``, ``load_state_dict(assign=True)``). One decoder
+    per matmul dtype is kept (an fp32 evaluation between bf16-autocast rollouts of the same
+    weights rebuilds neither), for one model only, and they are dropped with the model.
     """
     if matmul_dtype is None:
         parameter = next(model.parameters())
