@@ -16,6 +16,8 @@ one gradient step per mini-batch, clip 0.2):
    otherwise; ``R̃_c = WHITEN(LOGIT(R_c))`` over the whole rollout batch (every rank's rows).
    The per-token KL to the frozen reference π_0 (the checkpoint PPO starts from) is ``β · KL`` off
    every response token's reward; the score sits on the last response token (``llama2_lit.rlhf``).
+   These passes run over chunks of ``mini_batch_size`` rows of like length, each cut to its own
+   columns (``length_sorted_chunks``): the numbers of one padded pass, with less padding computed.
 3. **Advantages.** GAE (γ = 1, λ = 0.95 by default) on the value model's estimates, whitened over
    the valid tokens of the whole batch.
 4. **Update.** ``ppo_epochs`` passes over the batch in mini-batches, one optimizer step each
