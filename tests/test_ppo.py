@@ -95,6 +95,8 @@ def test_ppo_iterations_have_the_invariants_of_a_correct_implementation(ppo_run)
     assert all(0 < v < 1 for v in m["ppo/reward_rc"].values())
     assert all(0 <= v <= 1 for v in m["ppo/oracle_helpfulness"].values())
     assert all(v > 0 for v in m["perf/generation_seconds"].values())
+    assert all(0 < m["perf/generation_share"][step] < 1 for step in iterations)
+    assert all(m["perf/generation_seconds"][step] < m["perf/iteration_seconds"][step] for step in iterations)
     assert m["train/lr"][2] == pytest.approx(1e-3)  # constant learning rate (3.2.3), stepped by the module
 
 

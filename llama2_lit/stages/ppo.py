@@ -403,6 +403,7 @@ class PPOModule(StageModule):
             self.check_batch(batch)
             self._batch_checked = True
         iteration = self.global_step // self.steps_per_iteration
+        began = time.perf_counter()
         trajectory, stats = self.rollout(batch, iteration, calibrate=True)
         # The base counted the prompt tokens before the step; the responses exist only now.
         batch["response_tokens"] = int(trajectory.response_mask.sum())
@@ -429,6 +430,11 @@ class PPOModule(StageModule):
                                "ppo/value_clip_fraction": value.clip_fraction, "ppo/ratio_mean": policy.ratio_mean,
                                "ppo/approx_kl": policy.approx_kl}, sync_dist=True)
         self.log("ppo/iteration", float(iteration))
+        # Rollout and update, this rank: the share generating is what the paper's FSDP slowdown
+        # (section 3.2.3) would inflate.
+        iteration_seconds = time.perf_counter() - began
+        stats["perf/iteration_seconds"] = torch.tensor(iteration_seconds)
+        stats["perf/generation_share"] = stats["perf/generation_seconds"] / iteration_seconds
         self.log_dict({key: value.float().to(self.device) for key, value in stats.items()}, sync_dist=True)
         self.log("ppo/reward", stats["ppo/reward_rc"], prog_bar=True, sync_dist=True)
 
