@@ -89,10 +89,7 @@ def length_sorted_chunks(attention_mask: Tensor, size: int) -> list[tuple[Tensor
     first = torch.where(real, columns, real.shape[1]).min(1).values
     last = torch.where(real, columns, -1).max(1).values
     order = torch.argsort(last - first, stable=True)
-    chunks = []
-    for rows in order.split(size):
-        chunks.append((rows, int(first[rows].min()), int(last[rows].max()) + 1))
-    return chunks
+    return [(rows, int(first[rows].min()), int(last[rows].max()) + 1) for rows in order.split(size)]
 
 
 PROMPT_BATCH = BatchContract(required=("input_ids", "attention_mask", "is_safety"), token_ids=("input_ids",),

@@ -169,13 +169,12 @@ class _StageDataModule(L.LightningDataModule):
         self._require_setup()
         if len(self.train_dataset) == 0:  # type: ignore[arg-type]
             raise ValueError(f"{type(self).__name__}: the training set is empty")
-        drop_last = self.drop_last
-        if drop_last and len(self.train_dataset) < self.batch_size:  # type: ignore[arg-type]
+        if self.drop_last and len(self.train_dataset) < self.batch_size:  # type: ignore[arg-type]
             raise ValueError(f"{type(self).__name__}: {len(self.train_dataset)} training records "  # type: ignore[arg-type]
                              f"make no whole batch of {self.batch_size} (drop_last)")
         return ResumableDataLoader(
             self.train_dataset, batch_size=self.batch_size, shuffle=True, seed=self.seed,  # type: ignore[arg-type]
-            drop_last=drop_last, collate_fn=self.collate_fn, num_workers=self.num_workers,
+            drop_last=self.drop_last, collate_fn=self.collate_fn, num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
