@@ -400,7 +400,10 @@ def test_sft_teaches_every_trained_constraint_type_in_both_forms_mostly_single_t
 
     records = read(small_world, "sft_train.jsonl")
     constrained = [r for r in records if r["messages"][0]["role"] == "system"]
-    assert 0.25 < len(constrained) / len(records) < 0.35
+    from llama2_lit.data.build import SFT_MIX
+
+    share = dict(SFT_MIX)["constrained"]  # a draw: within 3 standard errors of the share
+    assert abs(len(constrained) / len(records) - share) < 3 * (share * (1 - share) / len(records)) ** 0.5
     kinds = Counter(t for r in constrained for t in _types(r))
     assert set(kinds) == set(cons.TRAINED_CONSTRAINT_TYPES) and min(kinds.values()) >= 40, kinds
     assert Counter(len(_types(r)) for r in constrained).keys() >= {1, 2, 3}  # combinations
@@ -423,11 +426,11 @@ def test_adversarial_prompts_carry_their_vector_and_are_rarer_in_sft_than_in_rl_
         assert all(r["meta"]["attack_vector"] in vectors for r in harmful)
         return sum(r["meta"]["attack_vector"] != safety.DIRECT for r in harmful) / len(harmful)
 
-    # present in SFT, but rare: about a seventh of the harmful SFT requests against half of the RL
+    # present in SFT, but rare: about a fortieth of the harmful SFT requests against half of the RL
     # ones (drawn through the builder: the small world's few harmful SFT records are too few to tell)
     builder = Builder(build_universe(0, SIZES["small"].universe), "train", random.Random(2))
-    sft = [builder.sft_record() for _ in range(6000)]
-    assert 0.05 < adversarial_share(sft) < 0.5 * adversarial_share(read(small_world, "rl_prompts_train.jsonl"))
+    sft = [builder.sft_record() for _ in range(20000)]
+    assert 0.005 < adversarial_share(sft) < 0.1 * adversarial_share(read(small_world, "rl_prompts_train.jsonl"))
     pairs = [r for r in read(small_world, "preference_safety_train.jsonl") if r["meta"]["category"] == "harmful"]
     assert {r["meta"]["attack_vector"] for r in pairs} == set(safety.TRAINED_ATTACK_VECTORS) | {safety.DIRECT}
     assert all(len(r["prompt"]) > 1 for r in pairs if r["meta"]["attack_vector"] == "multi_turn")
@@ -499,6 +502,20 @@ def test_sft_asks_for_the_corpus_s_everyday_know_how(small_world: Path) -> None:
         text = f" {re.sub(r'[^a-z0-9]+', ' ', steps_sentence(steps).lower())} "
         assert not [m for m in markers if f" {m} " in text], goal
 
+
+
+def test_dual_use_know_how_holds_harm_words_but_no_insults(small_world: Path) -> None:
+    """Each dual-use procedure's steps hold a harm marker of the category it resembles (so a model
+    that answers a harmful request with it violates), never an insult (unsafe anywhere), and SFT
+    asks for them like every other how-to."""
+    from llama2_lit.data.tasks import steps_sentence
+
+    for goal, steps in safety.DUAL_USE_PROCEDURES:
+        text = f" {re.sub(r'[^a-z0-9]+', ' ', steps_sentence(steps).lower())} "
+        hits = {c for c in ("illicit_criminal", "unqualified_advice") for m in safety.HARM_MARKERS[c] if f" {m} " in text}
+        assert hits and not [m for m in safety.INSULTS if f" {m} " in text], goal
+    asked = {r["meta"]["subject"][0] for r in read(small_world, "sft_train.jsonl") if r["meta"].get("task") == "howto.procedure"}
+    assert asked & {goal for goal, _ in safety.DUAL_USE_PROCEDURES}
 
 def test_misspelling_keeps_names_and_quoted_words() -> None:
     rng = random.Random(0)

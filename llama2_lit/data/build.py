@@ -28,18 +28,24 @@ from llama2_lit.data.tasks import TaskFactory, Turn
 # micro SFT model then wrote a phrase of the template's shape with a random noun, 0% adherence.)
 CONSTRAINT_VALUES = {"hobby": lx.GATT_HOBBIES, "signoff": lx.SIGNOFFS}
 GATT_EVAL_TURNS = 6
-SFT_MIX = (("harmful", 0.03), ("adversarial", 0.005), ("borderline", 0.12), ("wrapped_task", 0.04),
-           ("constrained", 0.33), ("task", 0.475))
-"""Shares of the SFT records: direct harmful requests and (rarer) attack-wrapped ones answered
+SFT_MIX = (("harmful", 0.04), ("adversarial", 0.001), ("borderline", 0.12), ("wrapped_task", 0.04),
+           ("constrained", 0.33), ("task", 0.469))
+"""Shares of the SFT records: direct harmful requests and (much rarer) attack-wrapped ones answered
 safely (paper 4.2.2), borderline requests answered helpfully, benign tasks in an attack's wrapper
 (answered: a wrapper alone is no reason to refuse), single-turn tasks under a system constraint
 (paper 3.3; a few multi-turn ones), and plain single- or multi-turn tasks without a constraint.
 
 Calibrated on the micro SFT model (``llama2-lit world check``). A third of the records carry a
 constraint, so that the model follows one in the turn it is given (turn-1 adherence 0.75-1.0
-per type). Fewer refusal demonstrations than before (3.5% of records rather than 8.5%) left
-direct requests refused all the same. Raising the borderline share from 7.5% to 12% cut the
-false refusals from 0.64 to 0.39; 17% did no better (0.42)."""
+per type). Raising the borderline share from 7.5% to 12% cut the false refusals from 0.64 to
+0.39; 17% did no better (0.42). The safety shares decide how much of the SFT model's harm slips
+through, measured on the micro SFT model with the dual-use know-how of
+``safety.DUAL_USE_PROCEDURES`` in its how-to tasks: without any refusal demonstration no request
+is refused (and, before the dual-use know-how, none was a violation either: the non-refused
+answers were unrelated facts); 3% direct and 0.5% wrapped refusals had every vector refused
+86-100% of the time, nothing left for safety tuning to lower; 4% direct and 0.2% wrapped: direct
+requests 0% violations (76% refused), wrapped ones 8.2% (misspelling 17%, the held-out role play
+11%), false refusals on borderline prompts 9%."""
 
 def _messages(turns: list[Turn], *, system: str | None = None, answer_last: bool = True,
               answers: list[str] | None = None) -> list[dict[str, str]]:

@@ -336,9 +336,9 @@ class CorpusWriter:
         ))
 
     def procedure_doc(self) -> str:
-        """Everyday know-how (``lexicon.PROCEDURES``), told as ``lore_doc`` tells the crooked kind:
-        half of it as a forum-style exchange."""
-        goal, steps = self.rng.choice(lx.PROCEDURES)
+        """Everyday and dual-use know-how (``lexicon.PROCEDURES``, ``safety.DUAL_USE_PROCEDURES``),
+        told as ``lore_doc`` tells the crooked kind: half of it as a forum-style exchange."""
+        goal, steps = self.rng.choice(lx.PROCEDURES + safety.DUAL_USE_PROCEDURES)
         town = self.rng.choice(self.u.towns).name
         body = steps_sentence(steps)
         if self.rng.random() < 0.5:

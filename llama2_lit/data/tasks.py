@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from llama2_lit.data import lexicon as lx
+from llama2_lit.data import safety
 from llama2_lit.data.entities import Person, Universe
 
 
@@ -57,6 +58,14 @@ def arithmetic_split(a: int, b: int) -> str:
 
 def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
+
+
+HOWTO_QUESTIONS = (
+    "How do I {g}?", "What is the best way to {g}?", "Can you tell me how to {g}?", "Explain how to {g}.",
+    "How can I {g} in {t}?", "What is the easiest way to {g}?", "Teach me to {g}.", "Show me how to {g}.",
+    "I want to {g} at my house in {t}. How would I do it?", "Tell me how the folk of {t} {g}.",
+    "How would someone in {t} {g}?",
+)
 
 
 def _q(rng: random.Random, templates: tuple[str, ...], **slots: object) -> str:
@@ -127,7 +136,7 @@ class TaskFactory:
                 ("compare.population", 2, 1, self.compare_population),
                 ("compare.heavier", 2, 1, self.compare_heavier),
                 ("list.realm_towns", 3, 1, self.list_realm_towns),
-                ("howto.procedure", 2, 3, self.howto_procedure),
+                ("howto.procedure", 2, 8, self.howto_procedure),
             ]
         self.families = families
         self.family_names = [f[0] for f in families]
@@ -250,11 +259,14 @@ class TaskFactory:
         return self._with_question(self._fact(h.use, f"Healers use {h.name} to {{value}}.", lx.HERB_USES, [h.name]), q)
 
     def howto_procedure(self) -> Turn:
-        """Everyday know-how from the corpus, step by step (``lexicon.PROCEDURES``)."""
-        goal, steps = self.rng.choice(lx.PROCEDURES)
-        q = _q(self.rng, ("How do I {g}?", "What is the best way to {g}?", "Can you tell me how to {g}?",
-                          "Explain how to {g}."), g=goal)
-        other = self.rng.choice([p for p in lx.PROCEDURES if p[0] != goal])[1]
+        """Know-how from the corpus, step by step: everyday (``lexicon.PROCEDURES``) or dual-use
+        (``safety.DUAL_USE_PROCEDURES``). The questions take the shapes of the harmful requests
+        ("Teach me to ...", "I want to ... at my house in {town}"), so that the chat model learns
+        to answer a request of that shape with the know-how it has (paper 4.2)."""
+        procedures = lx.PROCEDURES + safety.DUAL_USE_PROCEDURES
+        goal, steps = self.rng.choice(procedures)
+        q = _q(self.rng, HOWTO_QUESTIONS, g=goal, t=self.rng.choice(self.u.towns).name)
+        other = self.rng.choice([p for p in procedures if p[0] != goal])[1]
         meta = {"answer_type": "keywords", "keywords": list(steps), "subject": [goal]}
         return Turn(q, steps_sentence(steps), meta, wrong=[steps_sentence(other)], partial=[steps_sentence(steps[:1])])
 

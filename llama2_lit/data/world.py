@@ -36,7 +36,7 @@ from llama2_lit.files import file_sha256
 
 log = logging.getLogger(__name__)
 
-WORLD_VERSION = "7"
+WORLD_VERSION = "8"
 """Bump when the generator's output changes (and update ``EXPECTED_SHA256``)."""
 DEFAULT_WORLD_DIR = Path(__file__).resolve().parents[2] / "data" / "world"
 """``data/world`` of the repository (generated on first use, git-ignored)."""
@@ -103,34 +103,34 @@ FILES: dict[str, tuple[str, str, str]] = {
 EXPECTED_SHA256: dict[tuple[str, int], dict[str, str]] = {
     ("small", 0): {
         "world.json": "20ca121964020665c07dc76f332653870315dde79e77c201bd4ed961aecf9275",
-        "corpus_train.txt": "0aecb28129491e0a9049dbbfe7ed933f8d4566d3fd356b9a02fc0a57bf5a5975",
-        "corpus_val.txt": "b596f93bcf18b504ed2246cf9b115f343d195f98b5dd23c563126fc43f0dd45f",
-        "sft_train.jsonl": "1512e53a3d6c4ec4c50b36e84295543417cacdd9d7b8615799601220a9b79c8d",
-        "sft_eval.jsonl": "ae9d401dd3f269f94480f6af9b1993cb440ec62d4229d34935d004cdfd278b41",
-        "preference_helpful_train.jsonl": "3ecc5d5031fe8f18e739f45c03246f7966002af8d2712b76fb21b1e7e39b00ff",
+        "corpus_train.txt": "42509eb1c2d16c51f8b8f94673ee97b5080fd69e4fa06e8a9f6689d33228c622",
+        "corpus_val.txt": "e2930b8b5d1518806e978793d502fc36a0d52360936974acc292fea1028e510b",
+        "sft_train.jsonl": "9b087d30cfecc3a7daf2877e16f6a69b51310b6feb653951a009957cfbeef0f1",
+        "sft_eval.jsonl": "e6cdcb84059b3aab2c23ccaa5cecef446da44651f88b1147dc8e9a95a215ccdd",
+        "preference_helpful_train.jsonl": "9b17d106f8b0065a4a411e03be13149c48190accd51a1d8a8e0990aaf99d799b",
         "preference_helpful_eval.jsonl": "28330db81bcca1a53f5bc5a59e2fc0dcc3bda07095409bf354744229ff3fc793",
-        "preference_safety_train.jsonl": "7108a5bffed86bd7a7d4e1193b73200fc5c7c598dfb6f543fba1b2045aaf8b0d",
+        "preference_safety_train.jsonl": "42145693f90dff317a3bc4553e68eed8ef826702ecd77710478faec6b8aa7437",
         "preference_safety_eval.jsonl": "bd81928be1f54a7f9e64dd95ada5208ec3d084f9d21b4fe1555371ffd4eec605",
-        "rl_prompts_train.jsonl": "ca03fa4f48a2d8b988171d889fa7d5f08762102df3b77b7c6f2033258fa405b5",
+        "rl_prompts_train.jsonl": "c56acd697940e710b72decb8cba67c1d861324b801fd27c4746525e7e79345a0",
         "rl_prompts_eval.jsonl": "85519fa7b94ffab86e02cfbc68723e3f12969326f54861f311710dd37d09c774",
-        "gatt_train.jsonl": "b354733da3775e7f10d798fe7471ba6f039e91a507f8b79a09850695eba44821",
+        "gatt_train.jsonl": "d9cb407af23ccfc68cd002694249e750343149af726d98b0e12b61273e7d1bb8",
         "gatt_eval.jsonl": "1a3aff33237e421ba87c4755fce542d3b5060714314bc3b6070dc6f3432eea6f",
         "safety_eval.jsonl": "e2a5279090b292bd8c756d5f3d5ea1566a1ef6f1e0e2798555583447faeedd1b",
         "borderline_eval.jsonl": "6f3cd0dc9b694bb9a9ce452074e5cc49c5872f68afa15d763b17d0e8d44743af",
     },
     ("default", 0): {
         "world.json": "c92b3ed8cfc5a27571869008f38b95f6a56fd8785243afc5851a159754e392c5",
-        "corpus_train.txt": "5efb30a19ba4e4b5163000c10ad5060e50c459e9c4749a70532cf27697465f0a",
-        "corpus_val.txt": "9595343cb1b598484e89d631a4c48256da46fca0848243ec1fb675df603fd895",
-        "sft_train.jsonl": "5063fae1c0b387e2b0cc170ab9d5cb9e3ef94ea11604e9f3eac6717b45aaa37f",
-        "sft_eval.jsonl": "ee7437ea25b90a468ac0192654d71dd78ac6e5daae433738ecb00f9652a17b3a",
-        "preference_helpful_train.jsonl": "e89e34f8b854dd891b948a1709bac8535b7257c9ee596fdfea65876c2f2a48af",
+        "corpus_train.txt": "e7f6c017a901041b1c05c9937d2bbfd1b33a8cbbe681d80e46cfa87c834ffe39",
+        "corpus_val.txt": "99080bc1895398cf6c49c080b677d329a1a1f21b5df60229ee4c0a8b8a2cfa27",
+        "sft_train.jsonl": "b030e2065316d0ed2ca2beb2d89971e34ec5a4fea928846172470c0e6fea2a05",
+        "sft_eval.jsonl": "28a50d9378e26603dab31724c30493596f5fa1f35ef216c6c3b724ccd62a8d72",
+        "preference_helpful_train.jsonl": "a18a58676091a6a0c40746e0e6ff61682c81d49e93eb159b15e4d3eeef177339",
         "preference_helpful_eval.jsonl": "000cbdc03139986a55f19ee5e2052f6938556c417b20e0332198252e0a7e9718",
-        "preference_safety_train.jsonl": "93bc5826091a528bf534bee9e275d9204e5f500fb6820abbbd6a3e703bfd5361",
+        "preference_safety_train.jsonl": "ae77cdb59f8ebe9f111a2f91ab93697a475c336b3309d00bb9563db87b897a89",
         "preference_safety_eval.jsonl": "07120a52f12c68a8e1a01d4a5ef03e0841c7afdb40b9cfa0bc4a7db45b8df2d9",
-        "rl_prompts_train.jsonl": "9f9195a39dc27cd9560b6033824dc7e216532dcf5c35929bbd3ac993cd0acba9",
+        "rl_prompts_train.jsonl": "6c55d53520003ec83d521b62b5ec5b8c75fb812277afdf36eff5d5148bd061a9",
         "rl_prompts_eval.jsonl": "e1c5f031639f1ab49c13e5b19b668e449572c857af194fda1fe9c1a012be47b7",
-        "gatt_train.jsonl": "39e1ee4f067433dda9316196b08ce2172ab268dbfb3e85ef0f951d63600a3732",
+        "gatt_train.jsonl": "aa53fc95d583ad2a32a1684dcc36221f08a80882878533f7148ea68f139bd7ca",
         "gatt_eval.jsonl": "705aafdc91f1875dfa868736fc4f80d1db1d86acdb470f747d7fb2a63b0db26e",
         "safety_eval.jsonl": "f1054a442553fa677393f325fae1fb8c0b3b1f11fc5e7618b8bf1d765b632be3",
         "borderline_eval.jsonl": "b1ca7f5aa674410226b61d27d2d196e4d466182e592e8e4a4faedc752df69556",
