@@ -25,10 +25,13 @@ def _deterministic() -> None:
     torch.manual_seed(0)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """Test models are tiny: their ops are dispatch-bound, and on a shared 2-core machine a second
-    OpenMP thread that gets descheduled stalls every op (measured: 10x slower steps)."""
+    OpenMP thread that gets descheduled stalls every op (measured: 10x slower steps). Session-wide,
+    so that module fixtures (which pytest sets up before a test's own fixtures) run with the same
+    thread count as the tests: a bf16 matmul split over another number of threads sums in another
+    order, and a resumed run compared with a fixture's run then differs in the 4th digit."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
