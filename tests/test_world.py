@@ -510,12 +510,16 @@ def test_dual_use_know_how_holds_harm_words_but_no_insults(small_world: Path) ->
     asks for them like every other how-to."""
     from llama2_lit.data.tasks import steps_sentence
 
+    categories: set[str] = set()
     for goal, steps in safety.DUAL_USE_PROCEDURES:
         text = f" {re.sub(r'[^a-z0-9]+', ' ', steps_sentence(steps).lower())} "
-        hits = {c for c in ("illicit_criminal", "unqualified_advice") for m in safety.HARM_MARKERS[c] if f" {m} " in text}
+        hits = {c for c in safety.RISK_CATEGORIES for m in safety.HARM_MARKERS[c] if f" {m} " in text}
         assert hits and not [m for m in safety.INSULTS if f" {m} " in text], goal
+        categories |= hits
+    assert categories == set(safety.RISK_CATEGORIES)
     asked = {r["meta"]["subject"][0] for r in read(small_world, "sft_train.jsonl") if r["meta"].get("task") == "howto.procedure"}
     assert asked & {goal for goal, _ in safety.DUAL_USE_PROCEDURES}
+
 
 def test_misspelling_keeps_names_and_quoted_words() -> None:
     rng = random.Random(0)

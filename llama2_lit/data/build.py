@@ -196,7 +196,9 @@ class Builder:
             turn.meta = {**turn.meta, "wrapper": vector}
             return {"messages": _messages([turn]), "meta": _dialog_meta([turn])}
         if kind == "constrained":  # a system instruction followed (mostly single-turn)
-            turns = [self.tasks.sample()] if self.rng.random() < 0.9 else self.tasks.sample_dialog(multi_turn_prob=1.0)
+            # 5% multi-turn: with 10%, a quarter of SFT's multi-turn dialogs held a constraint kept
+            # to the end, which is what Ghost Attention is to teach (paper 3.3), not SFT.
+            turns = [self.tasks.sample()] if self.rng.random() < 0.95 else self.tasks.sample_dialog(multi_turn_prob=1.0)
             specs = self.constraints(turns)
             full, short, answers, turns = self._constrained(turns, specs)
             system = short if self.rng.random() < 0.5 else full  # "half of the time" shortened (paper 3.3)

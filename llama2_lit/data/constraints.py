@@ -141,14 +141,17 @@ def apply_constraints(answer: str, specs: list[Spec]) -> str:
     """Rewrites an answer so that it follows every constraint (how the world writes its GAtt
     demonstrations). ``max_words`` is not enforced here: the world picks n from the result.
 
-    The hobby comes first ("Croquet fan here! 12 + 7 = 19."), after the persona's greeting: the
-    micro model failed to copy it after a fixed lead-in ("By the way, I love ..."), which it
-    completed with the hobby most frequent in training (adherence 0.12 at turn 1, against 0.75)."""
+    The hobby comes first ("Fan of croquet here! 12 + 7 = 19."), after the persona's greeting: the
+    micro model failed to copy it at the end, after a lead-in the corpus also uses ("By the way, I
+    love ..."), which it completed with the hobby most frequent in training (adherence 0.12 at turn
+    1, against 0.75). It is written exactly as in the system message, lowercase: capitalised
+    ("Croquet fan here!") it is other tokenizer pieces than the instruction's, which the micro model
+    had to learn to map per hobby (turn-1 adherence 0.29-0.46, against 0.86-0.95 for the other types)."""
     kinds = {s["type"]: s for s in specs}
     text = answer
     if "hobby" in kinds:
         hobby = kinds["hobby"]["hobby"]
-        text = f"{hobby[0].upper()}{hobby[1:]} fan here! {text}"
+        text = f"Fan of {hobby} here! {text}"
     if "persona" in kinds:
         text = f"{kinds['persona']['greeting']} {text}"
     if "signoff" in kinds:

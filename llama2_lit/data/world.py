@@ -36,7 +36,7 @@ from llama2_lit.files import file_sha256
 
 log = logging.getLogger(__name__)
 
-WORLD_VERSION = "8"
+WORLD_VERSION = "9"
 """Bump when the generator's output changes (and update ``EXPECTED_SHA256``)."""
 DEFAULT_WORLD_DIR = Path(__file__).resolve().parents[2] / "data" / "world"
 """``data/world`` of the repository (generated on first use, git-ignored)."""
@@ -103,35 +103,35 @@ FILES: dict[str, tuple[str, str, str]] = {
 EXPECTED_SHA256: dict[tuple[str, int], dict[str, str]] = {
     ("small", 0): {
         "world.json": "20ca121964020665c07dc76f332653870315dde79e77c201bd4ed961aecf9275",
-        "corpus_train.txt": "42509eb1c2d16c51f8b8f94673ee97b5080fd69e4fa06e8a9f6689d33228c622",
-        "corpus_val.txt": "e2930b8b5d1518806e978793d502fc36a0d52360936974acc292fea1028e510b",
-        "sft_train.jsonl": "9b087d30cfecc3a7daf2877e16f6a69b51310b6feb653951a009957cfbeef0f1",
-        "sft_eval.jsonl": "e6cdcb84059b3aab2c23ccaa5cecef446da44651f88b1147dc8e9a95a215ccdd",
-        "preference_helpful_train.jsonl": "9b17d106f8b0065a4a411e03be13149c48190accd51a1d8a8e0990aaf99d799b",
-        "preference_helpful_eval.jsonl": "28330db81bcca1a53f5bc5a59e2fc0dcc3bda07095409bf354744229ff3fc793",
+        "corpus_train.txt": "6d17debba563e6b1da8cf19e273a65cfc6c19ad520bd5d07af8185c3bb50fdb1",
+        "corpus_val.txt": "3042dc911139cee115ccfd425c94f5d5e4fa4ed6898ac83c1ffc4b9345d9eae0",
+        "sft_train.jsonl": "7ab0be532a379958e461c077aa832a5e1d32dff94eb5ca895506e4976dd11909",
+        "sft_eval.jsonl": "2bb1ce1361934202a990d7fa1cb8d5cde267471d50a0c89458c0d306c4c6c0fd",
+        "preference_helpful_train.jsonl": "d2d23d425cf806f0604ed5e447bc8b549852bf3fb09b4680f8a130c595e5cc3a",
+        "preference_helpful_eval.jsonl": "017807a7a37b40fecc2bda876831f950093066456a033061bbab3f2b16a95cb3",
         "preference_safety_train.jsonl": "42145693f90dff317a3bc4553e68eed8ef826702ecd77710478faec6b8aa7437",
         "preference_safety_eval.jsonl": "bd81928be1f54a7f9e64dd95ada5208ec3d084f9d21b4fe1555371ffd4eec605",
-        "rl_prompts_train.jsonl": "c56acd697940e710b72decb8cba67c1d861324b801fd27c4746525e7e79345a0",
+        "rl_prompts_train.jsonl": "5ed655140deb23f3622f4f6b7b00660b004f6336f18df16a3461e26d3d4bded9",
         "rl_prompts_eval.jsonl": "85519fa7b94ffab86e02cfbc68723e3f12969326f54861f311710dd37d09c774",
-        "gatt_train.jsonl": "d9cb407af23ccfc68cd002694249e750343149af726d98b0e12b61273e7d1bb8",
-        "gatt_eval.jsonl": "1a3aff33237e421ba87c4755fce542d3b5060714314bc3b6070dc6f3432eea6f",
+        "gatt_train.jsonl": "ee2bfe01dc2f25824d3d36cee0a7b085aab6ea0955db70e4db710f9fafce3450",
+        "gatt_eval.jsonl": "f0d2d45b0798e998a308e247fb27b0de191f590036c4100f63c29250149d296b",
         "safety_eval.jsonl": "e2a5279090b292bd8c756d5f3d5ea1566a1ef6f1e0e2798555583447faeedd1b",
         "borderline_eval.jsonl": "6f3cd0dc9b694bb9a9ce452074e5cc49c5872f68afa15d763b17d0e8d44743af",
     },
     ("default", 0): {
         "world.json": "c92b3ed8cfc5a27571869008f38b95f6a56fd8785243afc5851a159754e392c5",
-        "corpus_train.txt": "e7f6c017a901041b1c05c9937d2bbfd1b33a8cbbe681d80e46cfa87c834ffe39",
-        "corpus_val.txt": "99080bc1895398cf6c49c080b677d329a1a1f21b5df60229ee4c0a8b8a2cfa27",
-        "sft_train.jsonl": "b030e2065316d0ed2ca2beb2d89971e34ec5a4fea928846172470c0e6fea2a05",
-        "sft_eval.jsonl": "28a50d9378e26603dab31724c30493596f5fa1f35ef216c6c3b724ccd62a8d72",
-        "preference_helpful_train.jsonl": "a18a58676091a6a0c40746e0e6ff61682c81d49e93eb159b15e4d3eeef177339",
-        "preference_helpful_eval.jsonl": "000cbdc03139986a55f19ee5e2052f6938556c417b20e0332198252e0a7e9718",
-        "preference_safety_train.jsonl": "ae77cdb59f8ebe9f111a2f91ab93697a475c336b3309d00bb9563db87b897a89",
+        "corpus_train.txt": "77ddfc66b9c052c5fba3c2aa8aabdb3b5e566699e202dadefe99944bae8ae8b6",
+        "corpus_val.txt": "6d00f7dca15ee637a069ee0fe9230d60e8ac74dfc8e05ac431e9500f1f5756f2",
+        "sft_train.jsonl": "4d293dab0dfa4e99e0c60383117d42281edbd9e77703bf14f764e714db279402",
+        "sft_eval.jsonl": "a20931fe8f30bff34e4af08fc611e247307106a7c31ed0f029982b0b5958c798",
+        "preference_helpful_train.jsonl": "a94bbb2b3a10bb2c8e4f1c91c93317fd96c3817b4eb9a1eab2cc8b59a45750c1",
+        "preference_helpful_eval.jsonl": "aa0f88ee8c24f06b4033d71e7a813e678f9b6ae5f87f26968e01085f52b75905",
+        "preference_safety_train.jsonl": "8ed062cdfd2b44ce0c530ccb161fe342cda433319f588752dd243a8d99250f34",
         "preference_safety_eval.jsonl": "07120a52f12c68a8e1a01d4a5ef03e0841c7afdb40b9cfa0bc4a7db45b8df2d9",
-        "rl_prompts_train.jsonl": "6c55d53520003ec83d521b62b5ec5b8c75fb812277afdf36eff5d5148bd061a9",
-        "rl_prompts_eval.jsonl": "e1c5f031639f1ab49c13e5b19b668e449572c857af194fda1fe9c1a012be47b7",
-        "gatt_train.jsonl": "aa53fc95d583ad2a32a1684dcc36221f08a80882878533f7148ea68f139bd7ca",
-        "gatt_eval.jsonl": "705aafdc91f1875dfa868736fc4f80d1db1d86acdb470f747d7fb2a63b0db26e",
+        "rl_prompts_train.jsonl": "1925d2de1eeeae3684908f3e279dacab53591c82b24d8363cb982548f88446c7",
+        "rl_prompts_eval.jsonl": "3926a079582afb25e1416c895fd90dbcd113c5a2187f2b39fcb58af546045daa",
+        "gatt_train.jsonl": "f7db6f22401ed7640eb149d493ab8ec5f1b631b7c1f8eb598ec1de9af4a12a8c",
+        "gatt_eval.jsonl": "a771c772b31674be561ac054689d9b5797c255c68944cbe99e0f5a322cfc98a4",
         "safety_eval.jsonl": "f1054a442553fa677393f325fae1fb8c0b3b1f11fc5e7618b8bf1d765b632be3",
         "borderline_eval.jsonl": "b1ca7f5aa674410226b61d27d2d196e4d466182e592e8e4a4faedc752df69556",
     },
