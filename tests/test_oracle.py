@@ -262,7 +262,7 @@ def test_apply_constraints_makes_compliant_answers() -> None:
     specs = [{"type": "persona", "figure": "Queen Velmora", "greeting": "By the silver moon!"}, {"type": "uppercase"},
              {"type": "signoff", "phrase": "Stay curious!"}, {"type": "hobby", "hobby": "chess"}]
     text = cons.apply_constraints("Kalo lives in Dunmar.", specs)
-    assert text == "BY THE SILVER MOON! FAN OF CHESS HERE! KALO LIVES IN DUNMAR. STAY CURIOUS!"
+    assert text == "BY THE SILVER MOON! CHESS FAN HERE! KALO LIVES IN DUNMAR. STAY CURIOUS!"
     assert cons.failed_constraints(specs, text) == []
 
 

@@ -141,17 +141,20 @@ def apply_constraints(answer: str, specs: list[Spec]) -> str:
     """Rewrites an answer so that it follows every constraint (how the world writes its GAtt
     demonstrations). ``max_words`` is not enforced here: the world picks n from the result.
 
-    The hobby comes first ("Fan of croquet here! 12 + 7 = 19."), after the persona's greeting: the
-    micro model failed to copy it at the end, after a lead-in the corpus also uses ("By the way, I
-    love ..."), which it completed with the hobby most frequent in training (adherence 0.12 at turn
-    1, against 0.75). It is written exactly as in the system message, lowercase: capitalised
-    ("Croquet fan here!") it is other tokenizer pieces than the instruction's, which the micro model
-    had to learn to map per hobby (turn-1 adherence 0.29-0.46, against 0.86-0.95 for the other types)."""
+    The hobby comes first, capitalised ("Croquet fan here! 12 + 7 = 19."), after the persona's
+    greeting. Measured on the micro SFT model (turn-1 adherence, 24 held-out dialogs), it is the
+    best of the forms tried and still far below the other types (0.86-1.0): "Croquet fan here!"
+    0.29-0.46; "By the way, I love croquet." at the end 0.12 (completed with the hobby most
+    frequent in training); "Fan of croquet here!" 0.04, "croquet fan here!" 0.08 and "I enjoy
+    croquet!" 0.12 (the last three with the instruction's own tokenizer pieces). The micro model rarely
+    copies a word from the prompt that it has no other reason to write (it also fails "Write
+    'vaikpoul' in capital letters"); a greeting or a sign-off, a few common words it knows as a
+    phrase, it does write."""
     kinds = {s["type"]: s for s in specs}
     text = answer
     if "hobby" in kinds:
         hobby = kinds["hobby"]["hobby"]
-        text = f"Fan of {hobby} here! {text}"
+        text = f"{hobby[0].upper()}{hobby[1:]} fan here! {text}"
     if "persona" in kinds:
         text = f"{kinds['persona']['greeting']} {text}"
     if "signoff" in kinds:

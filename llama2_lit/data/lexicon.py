@@ -101,7 +101,7 @@ GATT_HOBBIES = (
     "yodeling", "mosaics", "croquet", "lacrosse", "snorkeling", "hiking",
 )
 """Hobbies of the Ghost Attention instruction ("You enjoy tennis"), a list of their own: no person
-of the world has one, so "Fan of croquet here!" can only be written by reading the system message (with
+of the world has one, so "Croquet fan here!" can only be written by reading the system message (with
 the people's hobbies, the SFT model answered with a hobby it remembered from the corpus). The
 corpus names them as pastimes (``corpus.pastime_doc``): words absent from it were split into 3-5
 tokenizer pieces, which the micro model failed to copy (hobby adherence 0.17 at turn 1)."""
