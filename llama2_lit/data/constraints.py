@@ -143,13 +143,13 @@ def apply_constraints(answer: str, specs: list[Spec]) -> str:
 
     The hobby comes first, capitalised ("Croquet fan here! 12 + 7 = 19."), after the persona's
     greeting. Measured on the micro SFT model (turn-1 adherence, 24 held-out dialogs), it is the
-    best of the forms tried and still far below the other types (0.86-1.0): "Croquet fan here!"
-    0.29-0.46; "By the way, I love croquet." at the end 0.12 (completed with the hobby most
-    frequent in training); "Fan of croquet here!" 0.04, "croquet fan here!" 0.08 and "I enjoy
-    croquet!" 0.12 (the last three with the instruction's own tokenizer pieces). The micro model rarely
-    copies a word from the prompt that it has no other reason to write (it also fails "Write
-    'vaikpoul' in capital letters"); a greeting or a sign-off, a few common words it knows as a
-    phrase, it does write."""
+    best of the forms tried and still far below the other types (0.67-1.0): "Croquet fan here!"
+    0.17-0.46 over three runs; "By the way, I love croquet." at the end 0.12 (completed with the
+    hobby most frequent in training); "Fan of croquet here!" 0.04, "croquet fan here!" 0.08 and
+    "I enjoy croquet!" 0.12 (the last three with the instruction's own tokenizer pieces). The micro
+    model rarely copies a word from the prompt that it has no other reason to write (it also fails
+    "Write 'vaikpoul' in capital letters"); a greeting or a sign-off, a few common words it knows
+    as a phrase, it does write."""
     kinds = {s["type"]: s for s in specs}
     text = answer
     if "hobby" in kinds:
