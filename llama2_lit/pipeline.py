@@ -394,8 +394,9 @@ BUDGETS: dict[str, Budget] = {
                                                          ("--trainer.check_val_every_n_epoch", "null")),
                    rs_prompts=32, rs_samples=4,  # rs_temperature: None, the sweep picks it (Fig 8)
                    # 96: on world v9, v1/rs_sft answered 27 of 48 prompts with EOS alone and the other
-                   # 21 were ties, so version 2 had no pair to train on.
-                   annotate_prompts=96, annotate_eval_prompts=48, gatt_dialogs=16, gatt_require_adherence=False,
+                   # 21 were ties, so version 2 had no pair to train on; 144 (of the small world's 300):
+                   # on world v10 it answered 64 of 96 with EOS alone and the other 32 tied.
+                   annotate_prompts=144, annotate_eval_prompts=48, gatt_dialogs=16, gatt_require_adherence=False,
                    gatt_eval_dialogs=16, distill_prompts=128,
                    eval_prompts=8, max_new_tokens=24, static_pairs=200,
                    check=(("n_gatt", 8), ("n_safety", 16), ("n_borderline", 16), ("n_best_of", 4), ("n_tasks", 8),

@@ -267,6 +267,37 @@ def test_annotations_agree_with_the_oracle(small_world: Path) -> None:
             assert (record["chosen_safe"], record["rejected_safe"]) == (jc.safe, jr.safe)
 
 
+def test_pairs_hold_the_policy_s_own_mistakes(
+        small_world: Path) -> None:
+    """The mistakes a reward model must learn to punish: a correct fact that answers another question
+    (another person, other operands), an answer spliced into an unrelated sentence, and a needless
+    refusal in the shape of the best-practice refusal of a harmful request (decline, explain, offer
+    an alternative)."""
+    records = read(small_world, "preference_helpful_train.jsonl") + read(small_world, "preference_safety_train.jsonl")
+    other = [r for r in records if "other_subject" in (r["meta"]["annotation"]["chosen_kind"],
+                                                       r["meta"]["annotation"]["rejected_kind"])]
+    assert len(other) >= 30
+    for r in other:
+        note = r["meta"]["annotation"]
+        text = r["chosen"] if note["chosen_kind"] == "other_subject" else r["rejected"]
+        concise = r["meta"]["reference"]
+        assert text.strip() != concise.strip()
+        if {note["chosen_kind"], note["rejected_kind"]} == {"concise", "other_subject"}:
+            assert note["chosen_score" if note["chosen_kind"] == "concise" else "rejected_score"] == 1.0
+    garbled = [r for r in records if "garbled" in (r["meta"]["annotation"]["chosen_kind"],
+                                                   r["meta"]["annotation"]["rejected_kind"])]
+    assert len(garbled) >= 30 and {r["meta"]["category"] for r in garbled} == {"task", "borderline", "harmful"}
+    styled = [r for r in records for kind, text in ((r["meta"]["annotation"]["chosen_kind"], r["chosen"]),
+                                                   (r["meta"]["annotation"]["rejected_kind"], r["rejected"]))
+              if kind == "refusal" and any(a in text for a in safety.NEEDLESS_ALTERNATIVES)]
+    assert len(styled) >= 20
+    for r in styled:
+        assert r["meta"]["category"] in ("task", "borderline")
+        judged = judge(r["prompt"], r["rejected"] if r["meta"]["annotation"]["rejected_kind"] == "refusal"
+                       else r["chosen"], r["meta"])
+        assert judged.refusal and judged.helpfulness == 0.0
+
+
 def test_rating_noise_grows_as_the_gap_shrinks() -> None:
     """On a large sample of simulated annotations, the chosen response is the oracle-better one
     with probability P_AGREE[rating] (0.96 -> 0.56), within 3.5 binomial standard deviations."""

@@ -229,6 +229,12 @@ class Builder:
         return {"messages": _messages(turns, answer_last=False), "is_safety": False, "meta": _dialog_meta(turns)}
 
     # ------------------------------------------------------------------ preferences
+    def other_answer(self, turn) -> str | None:
+        """The concise answer to another question of ``turn``'s family (``helpful_candidates``);
+        None for a follow-up turn whose family cannot be drawn on its own."""
+        family = turn.meta["task"]
+        return self.tasks.sample(family).answer if family in self.tasks.family_names else None
+
     def helpful_preference(self) -> dict:
         for _ in range(100):
             if self.rng.random() < 0.15:  # a system instruction: following it is part of helpfulness
@@ -237,12 +243,13 @@ class Builder:
                 full, short, _, (constrained,) = self._constrained([turn], specs)
                 system = short if self.rng.random() < 0.5 else full
                 messages = _messages([turn], system=system, answer_last=False)
-                record = helpfulness_pair(messages, turn, self.u, self.rng, specs, meta=constrained.meta)
+                record = helpfulness_pair(messages, turn, self.u, self.rng, specs, meta=constrained.meta,
+                                          other_answer=self.other_answer(turn))
                 turns = [turn]
             else:
                 turns = self.tasks.sample_dialog(multi_turn_prob=0.25)
                 messages = _messages(turns, answer_last=False)
-                record = helpfulness_pair(messages, turns[-1], self.u, self.rng)
+                record = helpfulness_pair(messages, turns[-1], self.u, self.rng, other_answer=self.other_answer(turns[-1]))
             if record is not None:
                 if len(turns) > 1:
                     record["meta"]["turns"] = [t.meta for t in turns]

@@ -6,9 +6,13 @@ Here the oracle plays the annotator's judgement and a noise model plays the anno
 fallibility:
 
 1. Draw two responses of graded quality for a prompt (correct and concise, correct with extra
-   words, rambling, hedged / partly right, wrong, off-topic, needless refusal, right but breaking
-   the system constraint; for harmful prompts: the best-practice refusal, an explained refusal,
-   a bare refusal, an evasion, unsafe compliances of growing severity).
+   words, rambling, hedged / partly right, wrong, off-topic, a true answer to another question of
+   the family, a spliced, incoherent answer, a needless refusal (half of them shaped like the
+   best-practice refusal), right but breaking the system constraint; for harmful prompts: the
+   best-practice refusal, an explained refusal, a bare refusal, an evasion, a spliced refusal,
+   unsafe compliances of growing severity). The paper's pairs are two samples of its models; ours
+   stand in for them, so they must hold the mistakes our models make -- the last three kinds are
+   what the micro policy wrote and what PPO exploited in reward models that had never seen them.
 2. Score both with the oracle — ``helpfulness`` for the helpfulness set, ``safety_score`` for the
    safety set — and take the gap.
 3. The rating comes from the gap (``GAP_THRESHOLDS``); the annotator then picks the oracle-better
@@ -77,6 +81,24 @@ def _rambling(answer: str, rng: random.Random) -> str:
     return " ".join([rng.choice(lx.FILLER_OPENINGS), answer, *closings])
 
 
+def _topic(meta: dict) -> str:
+    """What a needless refusal declines: questions about the prompt's first subject, or "that"."""
+    subject = meta.get("subject") or []
+    return f"questions about {subject[0]}" if subject else "that"
+
+
+def spliced(answer: str, other: str, rng: random.Random) -> str | None:
+    """The start of ``answer`` run into the end of ``other`` at word boundaries ("Find the wet spot
+    from inside the equal force, and finally keep it on the card."): the fluent-looking incoherence
+    a small model writes at a high temperature, and the one PPO drifts into when no reward model was
+    shown it. None when the two are too short to splice."""
+    a, b = answer.split(), other.split()
+    if len(a) < 2 or len(b) < 2:
+        return None
+    text = " ".join(a[:rng.randint(1, len(a) - 1)] + b[rng.randint(1, len(b) - 1):])
+    return text if text.strip() not in (answer.strip(), other.strip()) else None
+
+
 def off_topic_sentence(universe: Universe, rng: random.Random) -> str:
     t = rng.choice(universe.towns)
     s = rng.choice(universe.species)
@@ -84,20 +106,33 @@ def off_topic_sentence(universe: Universe, rng: random.Random) -> str:
                        f"The merchants of {t.name} sell {t.export}."))
 
 
-def helpful_candidates(turn: Turn, universe: Universe, rng: random.Random, specs: list[dict] | None = None) -> dict[str, str]:
+def helpful_candidates(turn: Turn, universe: Universe, rng: random.Random, specs: list[dict] | None = None,
+                       other_answer: str | None = None) -> dict[str, str]:
     """Responses of graded quality to a benign task turn, by kind. With constraint ``specs``, all
-    follow the constraints except ``breaks_constraint`` (the plain correct answer)."""
+    follow the constraints except ``breaks_constraint`` (the plain correct answer).
+
+    ``other_answer`` is the concise answer to another question of the same family (another
+    person, other operands): a true statement in the right style that does not answer this
+    question -- the mistake the SFT model makes most on fact questions ("What is Joswe Girn's
+    height?" -- "Jernfem Esmou is 168 cm tall."). Without such pairs a reward model learns whether
+    a statement is true of the world but not whether it answers the question, and rates a true fact
+    about the wrong person above a wrong one about the right person."""
     base = {
         "concise": turn.answer,
         "extra_words": f"{turn.answer} {rng.choice(('I hope that helps!', 'Happy to help with that.', 'Let me know if you need more.'))}",
         "rambling": _rambling(turn.answer, rng),
         "off_topic": off_topic_sentence(universe, rng),
-        "refusal": safety.needless_refusal(rng),
+        "refusal": safety.needless_refusal(rng, _topic(turn.meta)),
     }
     if turn.partial:
         base["partial"] = rng.choice(turn.partial)
     if turn.wrong:
         base["wrong"] = rng.choice(turn.wrong)
+    if other_answer is not None and other_answer.strip() != turn.answer.strip():
+        base["other_subject"] = other_answer
+    garbled = spliced(turn.answer, other_answer or base["off_topic"], rng)
+    if garbled is not None:
+        base["garbled"] = garbled
     if not specs:
         return base
     out = {k: cons.apply_constraints(v, specs) for k, v in base.items()}
@@ -113,15 +148,19 @@ HELPFUL_PAIRS = (
     (("extra_words", "rambling"), 2), (("rambling", "partial"), 1.5), (("partial", "wrong"), 2),
     (("wrong", "off_topic"), 1.5), (("rambling", "wrong"), 1.5), (("extra_words", "partial"), 1.5),
     (("refusal", "wrong"), 1), (("concise", "breaks_constraint"), 3), (("rambling", "breaks_constraint"), 1),
+    (("concise", "other_subject"), 3), (("rambling", "other_subject"), 1.5), (("other_subject", "off_topic"), 1),
+    (("concise", "garbled"), 3), (("rambling", "garbled"), 1.5), (("partial", "garbled"), 1.5),
 )
 
 
 def helpfulness_pair(messages: list[dict], turn: Turn, universe: Universe, rng: random.Random,
-                     specs: list[dict] | None = None, meta: dict | None = None) -> dict | None:
+                     specs: list[dict] | None = None, meta: dict | None = None,
+                     other_answer: str | None = None) -> dict | None:
     """A helpfulness preference record for the prompt ``messages`` (ending with ``turn``'s
     question; ``turn.answer`` is the plain answer, ``specs`` the system constraints, ``meta`` the
-    judge meta when it differs from ``turn.meta``), or None when the drawn kinds tie."""
-    candidates = helpful_candidates(turn, universe, rng, specs)
+    judge meta when it differs from ``turn.meta``, ``other_answer`` as in ``helpful_candidates``),
+    or None when the drawn kinds tie."""
+    candidates = helpful_candidates(turn, universe, rng, specs, other_answer)
     pairs = [(p, w) for p, w in HELPFUL_PAIRS if p[0] in candidates and p[1] in candidates]
     (kind_a, kind_b), = rng.choices([p for p, _ in pairs], weights=[w for _, w in pairs])
     if rng.random() < 0.5:
@@ -157,7 +196,8 @@ def _record(messages, meta, a, b, rng, axis: str, safety_category: str | None) -
     }
 
 
-def harmful_candidates(prompt: safety.SafetyPrompt, template: safety.HarmfulTemplate, rng: random.Random) -> dict[str, str]:
+def harmful_candidates(prompt: safety.SafetyPrompt, template: safety.HarmfulTemplate, universe: Universe,
+                       rng: random.Random) -> dict[str, str]:
     slots = prompt.slots
     out = {
         "refusal_best": safety.safe_response(template, slots, "best", prompt.meta.get("attack_vector", safety.DIRECT)),
@@ -165,21 +205,27 @@ def harmful_candidates(prompt: safety.SafetyPrompt, template: safety.HarmfulTemp
         "refusal_bare": safety.safe_response(template, slots, "bare"),
         "evasive": f"{slots['town']} is a town in {slots['realm']}." if "realm" in slots else "That is an interesting question.",
     }
+    garbled = spliced(out["refusal_best"], off_topic_sentence(universe, rng), rng)
+    if garbled is not None:
+        out["garbled"] = garbled
     for n in range(1, min(3, len(template.steps)) + 1):
         out[f"unsafe_{n}"] = safety.unsafe_response(template, slots, n, rng)
     return out
 
 
-def borderline_candidates(prompt: safety.SafetyPrompt, rng: random.Random) -> dict[str, str]:
+def borderline_candidates(prompt: safety.SafetyPrompt, universe: Universe, rng: random.Random) -> dict[str, str]:
     answer = prompt.meta["reference"]
     first_sentence = answer.split(". ")[0].rstrip(".") + "."
     out = {
         "helpful": answer,
         "rambling": _rambling(answer, rng),
-        "refusal": safety.needless_refusal(rng),
+        "refusal": safety.needless_refusal(rng, prompt.meta.get("topic") or _topic(prompt.meta)),
     }
     if first_sentence != answer:
         out["partial"] = first_sentence
+    garbled = spliced(answer, off_topic_sentence(universe, rng), rng)
+    if garbled is not None:
+        out["garbled"] = garbled
     return out
 
 
@@ -196,11 +242,11 @@ def safety_pair(universe: Universe, rng: random.Random, harmful: list[tuple[safe
     use_borderline = category == "both_safe" and rng.random() < 0.5
     if use_borderline:
         prompt = rng.choice(borderline)
-        candidates = borderline_candidates(prompt, rng)
+        candidates = borderline_candidates(prompt, universe, rng)
         kinds = rng.sample(sorted(candidates), 2)
     else:
         prompt, template = rng.choice(harmful)
-        candidates = harmful_candidates(prompt, template, rng)
+        candidates = harmful_candidates(prompt, template, universe, rng)
         safe_kinds = [k for k in candidates if not k.startswith("unsafe")]
         unsafe_kinds = [k for k in candidates if k.startswith("unsafe")]
         if category == "safe_unsafe":

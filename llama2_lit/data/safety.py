@@ -652,8 +652,24 @@ def unsafe_response(template: HarmfulTemplate, slots: dict[str, str], n_steps: i
     return f"Here is how: {body}."
 
 
-def needless_refusal(rng: random.Random) -> str:
-    """A refusal of a benign request (what the paper's false-refusal rate counts)."""
+NEEDLESS_EXPLANATIONS = ("It could be dangerous.", "That might be risky.", "That could hurt someone.",
+                         "I am not a healer.")
+NEEDLESS_ALTERNATIVES = ("You could ask someone you trust instead.", "Please talk to a healer instead.",
+                         "I can tell you about the towns of the realm instead.")
+
+
+def needless_refusal(rng: random.Random, topic: str = "that", styled_probability: float = 0.5) -> str:
+    """A refusal of a benign request (what the paper's false-refusal rate counts).
+
+    With ``styled_probability`` it has the shape of the best-practice refusal of a harmful request
+    (decline ``topic``, explain a risk, offer an alternative: ``safe_response(kind="best")``), as
+    an over-cautious model writes it. Without such refusals among the rejected answers to benign
+    prompts, a reward model learns that the best-practice shape itself is good, whatever the
+    prompt, and PPO turns every answer into one (measured on the micro demo: helpfulness-RM logit
+    +4.7 for "I can't help with threatening ... I can tell you ..." on a borderline prompt, +4.3 for
+    the correct answer, +1.7 for a bare needless refusal)."""
+    if rng.random() < styled_probability:
+        return f"I can't help with {topic}. {rng.choice(NEEDLESS_EXPLANATIONS)} {rng.choice(NEEDLESS_ALTERNATIVES)}"
     return rng.choice((
         "I'm sorry, but I can't help with that.",
         "I can't help with that request, because it might be unsafe.",

@@ -36,7 +36,7 @@ from llama2_lit.files import file_sha256
 
 log = logging.getLogger(__name__)
 
-WORLD_VERSION = "9"
+WORLD_VERSION = "10"
 """Bump when the generator's output changes (and update ``EXPECTED_SHA256``)."""
 DEFAULT_WORLD_DIR = Path(__file__).resolve().parents[2] / "data" / "world"
 """``data/world`` of the repository (generated on first use, git-ignored)."""
@@ -107,10 +107,10 @@ EXPECTED_SHA256: dict[tuple[str, int], dict[str, str]] = {
         "corpus_val.txt": "3042dc911139cee115ccfd425c94f5d5e4fa4ed6898ac83c1ffc4b9345d9eae0",
         "sft_train.jsonl": "d910c6c934376049022a96c4668b840c861cead24b559c105e1f48ae64f7519a",
         "sft_eval.jsonl": "c259c183d58b4d3b3fb382ab93fd2b93d69dd6283a9e1d5ab03433b2ef5edf4c",
-        "preference_helpful_train.jsonl": "fe2f8285f77a525124ec4002c5a520d05c37d04161596eb155691aca136652dc",
-        "preference_helpful_eval.jsonl": "28330db81bcca1a53f5bc5a59e2fc0dcc3bda07095409bf354744229ff3fc793",
-        "preference_safety_train.jsonl": "42145693f90dff317a3bc4553e68eed8ef826702ecd77710478faec6b8aa7437",
-        "preference_safety_eval.jsonl": "bd81928be1f54a7f9e64dd95ada5208ec3d084f9d21b4fe1555371ffd4eec605",
+        "preference_helpful_train.jsonl": "1583d6fba07d76d7728d50fa5a6c5185a2318c8389bd4d647ff987a81aa3e15b",
+        "preference_helpful_eval.jsonl": "959d89190a2fdba425f58b8860da4ff08aa63cee8348bd983ee593dfaab33675",
+        "preference_safety_train.jsonl": "25e12fb5741d2b45c28121d22f550edf804c353d937e608c186849d10d31a3bb",
+        "preference_safety_eval.jsonl": "aff1b8590cee28d17093a7e33794ab88d0ef8620dc8c29bf92386fda1d46bccd",
         "rl_prompts_train.jsonl": "38132bb6353cad3296c2de5b5774ff235899b25b37447cd18d6d6a04be4d1b0e",
         "rl_prompts_eval.jsonl": "85519fa7b94ffab86e02cfbc68723e3f12969326f54861f311710dd37d09c774",
         "gatt_train.jsonl": "0af7252f85964a65d6fae2762e6c821c91f60192ab15ec3452e70dcaf5ab1cb4",
@@ -124,10 +124,10 @@ EXPECTED_SHA256: dict[tuple[str, int], dict[str, str]] = {
         "corpus_val.txt": "6d00f7dca15ee637a069ee0fe9230d60e8ac74dfc8e05ac431e9500f1f5756f2",
         "sft_train.jsonl": "693f72fb475c6da8ba6414d0bafa1db344a0d729deead27f06e7f47bc61a8b61",
         "sft_eval.jsonl": "e84d680f2efe977102c81103d6d27ebd78861c327b87590ae809ee6f1e2e7476",
-        "preference_helpful_train.jsonl": "d0366d7e90c2f831009e690a0bbb85189fc3d3a3f3a4288d492f532c85d4e6ab",
-        "preference_helpful_eval.jsonl": "000cbdc03139986a55f19ee5e2052f6938556c417b20e0332198252e0a7e9718",
-        "preference_safety_train.jsonl": "8ed062cdfd2b44ce0c530ccb161fe342cda433319f588752dd243a8d99250f34",
-        "preference_safety_eval.jsonl": "07120a52f12c68a8e1a01d4a5ef03e0841c7afdb40b9cfa0bc4a7db45b8df2d9",
+        "preference_helpful_train.jsonl": "e5579ba3714333d71c7304e3e25e18f8ab64c9ca6552c993ae4ec74c5cb62661",
+        "preference_helpful_eval.jsonl": "8fd7a86e84cd7af7ec70bcabea8cedddc97a0f3c1541c869f2aa8bfa6cebc36c",
+        "preference_safety_train.jsonl": "e5d18f88fa2c30861f3ab18f698f6efaff9d78f36bc1554a3df0cbb8e3d1112e",
+        "preference_safety_eval.jsonl": "c0ed046728e07b46c52854b394a61a4ab9fc8498bd37a5d6eefaf94bbfeb90a1",
         "rl_prompts_train.jsonl": "c43684651ef4b3d0f78e78bcde7eac48123606a665cf0dcd646cc91f4971eaba",
         "rl_prompts_eval.jsonl": "e1c5f031639f1ab49c13e5b19b668e449572c857af194fda1fe9c1a012be47b7",
         "gatt_train.jsonl": "d2371a55bab656aa3e191ee521d8ae8cf508e1221bc6856a0194332a8bd0d7cb",
