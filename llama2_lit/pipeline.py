@@ -519,7 +519,8 @@ def recipe(size: str = "micro", versions: int = 2, budget: Budget | None = None)
         Stage("gatt/sft", ("ppo", "gatt/data"), config=config_path(size, "gatt"), overrides=(
             ("--model.init_args.init_from", "${ppo}"),
             ("--data.init_args.train_files", ["${gatt/data.train}", f"{WORLD}/sft_train.jsonl"]),
-            ("--data.init_args.train_weights", [1.0, b.gatt_replay]), *b.gatt), tags=("gatt",), about="Ghost Attention fine-tuning (3.3)"),
+            ("--data.init_args.train_weights", [1.0, b.gatt_replay]), *b.gatt),
+            tags=("gatt",), about="Ghost Attention fine-tuning (3.3)"),
         Stage("cd/data", ("gatt/sft", rms["safety"]), function=context_distillation_stage,
               params={"policy": "${gatt/sft}", "safety_rm": f"${{{rms['safety']}}}",
                       "prompts": f"{WORLD}/rl_prompts_train.jsonl", "num_prompts": b.distill_prompts,
@@ -528,7 +529,8 @@ def recipe(size: str = "micro", versions: int = 2, budget: Budget | None = None)
         Stage("cd/sft", ("gatt/sft", "cd/data"), config=config_path(size, "context_distillation"), overrides=(
             ("--model.init_args.init_from", "${gatt/sft}"),
             ("--data.init_args.train_files", ["${cd/data.train}", f"{WORLD}/sft_train.jsonl"]),
-            ("--data.init_args.train_weights", [1.0, b.distill_replay]), *b.context_distillation), tags=("cd",), about="safety context distillation (4.2.4)"),
+            ("--data.init_args.train_weights", [1.0, b.distill_replay]), *b.context_distillation),
+            tags=("cd",), about="safety context distillation (4.2.4)"),
     ]
     models = {"pretrained": "pretrain", "sft": "sft", **{f"rejection sampling V{v}": f"v{v}/rs_sft" for v in
                                                          range(1, versions + 1)},

@@ -267,8 +267,7 @@ def test_annotations_agree_with_the_oracle(small_world: Path) -> None:
             assert (record["chosen_safe"], record["rejected_safe"]) == (jc.safe, jr.safe)
 
 
-def test_pairs_hold_the_policy_s_own_mistakes(
-        small_world: Path) -> None:
+def test_pairs_hold_the_policy_s_own_mistakes(small_world: Path) -> None:
     """The mistakes a reward model must learn to punish: a correct fact that answers another question
     (another person, other operands), an answer spliced into an unrelated sentence, and a needless
     refusal in the shape of the best-practice refusal of a harmful request (decline, explain, offer
@@ -287,14 +286,13 @@ def test_pairs_hold_the_policy_s_own_mistakes(
     garbled = [r for r in records if "garbled" in (r["meta"]["annotation"]["chosen_kind"],
                                                    r["meta"]["annotation"]["rejected_kind"])]
     assert len(garbled) >= 30 and {r["meta"]["category"] for r in garbled} == {"task", "borderline", "harmful"}
-    styled = [r for r in records for kind, text in ((r["meta"]["annotation"]["chosen_kind"], r["chosen"]),
-                                                   (r["meta"]["annotation"]["rejected_kind"], r["rejected"]))
+    styled = [(r, text) for r in records for kind, text in ((r["meta"]["annotation"]["chosen_kind"], r["chosen"]),
+                                                            (r["meta"]["annotation"]["rejected_kind"], r["rejected"]))
               if kind == "refusal" and any(a in text for a in safety.NEEDLESS_ALTERNATIVES)]
     assert len(styled) >= 20
-    for r in styled:
+    for r, text in styled:
         assert r["meta"]["category"] in ("task", "borderline")
-        judged = judge(r["prompt"], r["rejected"] if r["meta"]["annotation"]["rejected_kind"] == "refusal"
-                       else r["chosen"], r["meta"])
+        judged = judge(r["prompt"], text, r["meta"])
         assert judged.refusal and judged.helpfulness == 0.0
 
 

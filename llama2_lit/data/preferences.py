@@ -219,7 +219,7 @@ def borderline_candidates(prompt: safety.SafetyPrompt, universe: Universe, rng: 
     out = {
         "helpful": answer,
         "rambling": _rambling(answer, rng),
-        "refusal": safety.needless_refusal(rng, prompt.meta.get("topic") or _topic(prompt.meta)),
+        "refusal": safety.needless_refusal(rng, _topic(prompt.meta)),
     }
     if first_sentence != answer:
         out["partial"] = first_sentence
