@@ -391,13 +391,19 @@ def _check_same_prompts(answers_a: list[dict[str, Any]], answers_b: list[dict[st
         raise ValueError("a win rate compares answers to the same prompts, in the same order")
 
 
-def reward_model_accuracy(reward_model: Transformer, tokenizer: Tokenizer, records: list[dict]) -> dict[str, float]:
+def reward_model_accuracy(reward_model: Transformer, tokenizer: Tokenizer, records: list[dict], *,
+                          by_kind: bool = False) -> dict[str, Any]:
     """Accuracy per rating and overall (Table 8's row) of a reward model on ``preference`` records,
-    with the number of pairs."""
-    from llama2_lit.reward_metrics import evaluate_pairs, rating_table
+    with the number of pairs; ``by_kind``: also ``"kinds"``, the accuracy per kind of pair
+    (``reward_metrics.pair_kind_accuracy``)."""
+    from llama2_lit.reward_metrics import evaluate_pairs, pair_kind_accuracy, rating_table, score_pairs
 
-    metrics = evaluate_pairs(reward_model, tokenizer, records)
-    return {**rating_table(metrics), "pairs": metrics["pairs"]}
+    scores = score_pairs(reward_model, tokenizer, records)
+    metrics = evaluate_pairs(reward_model, tokenizer, records, scores=scores)
+    row: dict[str, Any] = {**rating_table(metrics), "pairs": metrics["pairs"]}
+    if by_kind:
+        row["kinds"] = pair_kind_accuracy(records, *scores)
+    return row
 
 
 def evaluate_checkpoints(checkpoints: dict[str, str | Path], *, world: str | Path, tokenizer_path: str | Path,

@@ -701,7 +701,7 @@ def evaluate_stage(stage_dir: Path, *, models: dict[str, str], reward_models: di
     for name, checkpoint in reward_models.items():
         model = load_reward_model(checkpoint)
         kind = name.rsplit("rm_", 1)[1]
-        versions[name] = {"static": reward_model_accuracy(model, tokenizer, static[kind]),
+        versions[name] = {"static": reward_model_accuracy(model, tokenizer, static[kind], by_kind=True),
                           "fresh": {v: reward_model_accuracy(model, tokenizer, records)["avg"]
                                     for v, records in fresh.items()},
                           "fresh_pairs": {v: len(records) for v, records in fresh.items()}}

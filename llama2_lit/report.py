@@ -247,6 +247,20 @@ def attack_vector_section(models: dict[str, Any]) -> list[str]:
     return lines
 
 
+def pair_kind_lines(name: str, kinds: dict[str, dict[str, float]]) -> list[str]:
+    """The accuracy of one reward model per kind of pair, weakest first (what Table 8's average hides)."""
+    if not kinds:
+        return []
+    lines = ["", f"### {name}: accuracy by kind of pair, weakest first", "",
+             "Which mistakes does the RM see? Each row is one pair of the world's response kinds (concise, "
+             "rambling, wrong fact, another subject's answer, spliced, refusal, ...), either one chosen; "
+             "the accuracy is against the annotator's label (noise included).", "",
+             "| pair of kinds | pairs | accuracy |", "|---|---|---|"]
+    for key, entry in sorted(kinds.items(), key=lambda item: (item[1]["accuracy"], item[0])):
+        lines.append(f"| {key} | {int(entry['pairs'])} | {fmt(entry['accuracy'])} |")
+    return lines
+
+
 def reward_model_section(versions: dict[str, Any], annotate: dict[str, dict[str, Any]]) -> list[str]:
     """Table 8 (accuracy by rating) and accuracy on each version's fresh pairs, with the annotation counts."""
     from llama2_lit.data.records import RATINGS
@@ -270,6 +284,7 @@ def reward_model_section(versions: dict[str, Any], annotate: dict[str, dict[str,
             "ones (Table 8: 80.7% against 54.7% for the helpfulness RM on its test set).",
             f"{helpful[-1]} scores {fmt(strong)} on significantly-better pairs against {fmt(weak)} on "
             f"negligibly-better ones; {came_back(strong > weak if _finite(strong) and _finite(weak) else None)}.")]
+        lines += pair_kind_lines(helpful[-1], row.get("kinds") or {})
 
     fresh_versions = list(next(iter(versions.values()))["fresh"])
     lines += ["", "### Accuracy on each version's fresh pairs (annotated on the latest policy's samples, "

@@ -196,12 +196,32 @@ def score_pairs(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], *
     return scores[:len(records)], scores[len(records):]
 
 
+def pair_kind_accuracy(records: Sequence[dict[str, Any]], r_chosen: Tensor, r_rejected: Tensor
+                       ) -> dict[str, dict[str, float]]:
+    """Accuracy per kind of pair: ``"concise / rambling"`` -> {"accuracy", "pairs"}, the two
+    response kinds of ``meta.annotation`` (``chosen_kind``, ``rejected_kind``) in alphabetical
+    order, whichever was chosen. Accuracy counts agreement with the pair's label (the annotator's,
+    noise included). Records without kinds (pairs from elsewhere) are left out.
+
+    Table 8 averages over kinds; this is what shows *which* mistakes a reward model cannot see
+    (on the toy world, a wrong fact can look as good as the true one while verbosity is easy)."""
+    groups: dict[str, list[float]] = {}
+    for record, win in zip(records, (r_chosen > r_rejected).tolist()):
+        note = (record.get("meta") or {}).get("annotation") or {}
+        if note.get("chosen_kind") and note.get("rejected_kind"):
+            key = " / ".join(sorted((note["chosen_kind"], note["rejected_kind"])))
+            groups.setdefault(key, []).append(float(win))
+    return {key: {"accuracy": sum(wins) / len(wins), "pairs": len(wins)} for key, wins in sorted(groups.items())}
+
+
 def evaluate_pairs(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], *, batch_size: int = 32,
-                   max_len: int | None = None) -> dict[str, float]:
-    """``RewardMetrics`` of a reward model on ``preference`` records (every metric, as floats)."""
+                   max_len: int | None = None, scores: tuple[Tensor, Tensor] | None = None) -> dict[str, float]:
+    """``RewardMetrics`` of a reward model on ``preference`` records (every metric, as floats);
+    ``scores``: the pairs' (chosen, rejected) scores when already computed (``score_pairs``)."""
     from llama2_lit.data.records import rating_index
 
-    r_chosen, r_rejected = score_pairs(model, tokenizer, records, batch_size=batch_size, max_len=max_len)
+    r_chosen, r_rejected = scores if scores is not None else \
+        score_pairs(model, tokenizer, records, batch_size=batch_size, max_len=max_len)
 
     def label(value: Any) -> int:
         return -1 if value is None else int(bool(value))

@@ -7,7 +7,8 @@ import re
 
 from llama2_lit.report import (
     adherence_section, best_of_k_section, came_back, change, context_distillation_section, finding,
-    moved_beyond_noise, ppo_section, rejection_sampling_section, safety_scores_section, temperature_section,
+    moved_beyond_noise, pair_kind_lines, ppo_section, rejection_sampling_section, safety_scores_section,
+    temperature_section,
 )
 from llama2_lit.runs import Run
 
@@ -152,3 +153,13 @@ def test_rejection_sampling_section_counts_a_rise_within_noise_as_no_finding():
     assert "(within noise: 2 s.e. = 0.057)" in within and within.endswith("did not come back in this run.")
     beyond = "\n".join(rejection_sampling_section(rs, models(0.2)))
     assert beyond.endswith("the paper's finding came back.")
+
+
+def test_pair_kind_lines_list_the_weakest_kind_first():
+    lines = pair_kind_lines("v2/rm_helpfulness", {"concise / rambling": {"accuracy": 0.34, "pairs": 61},
+                                                  "concise / refusal": {"accuracy": 0.86, "pairs": 22},
+                                                  "concise / wrong": {"accuracy": 0.5, "pairs": 46}})
+    rows = [line for line in lines if line.startswith("| concise")]
+    assert rows == ["| concise / rambling | 61 | 0.340 |", "| concise / wrong | 46 | 0.500 |",
+                    "| concise / refusal | 22 | 0.860 |"]
+    assert pair_kind_lines("v1/rm_helpfulness", {}) == []

@@ -14,7 +14,7 @@ from llama2_lit.config import ModelConfig
 from llama2_lit.data.datamodules import PreferenceCollate
 from llama2_lit.data.loader import ResumableDataLoader
 from llama2_lit.model import Transformer
-from llama2_lit.reward_metrics import RewardMetrics, calibration_table, rating_table
+from llama2_lit.reward_metrics import RewardMetrics, calibration_table, pair_kind_accuracy, rating_table
 from llama2_lit.stages import RewardModule
 from llama2_lit.stages.callbacks import StageCheckpoint
 from llama2_lit.stages.reward import paper_warmup_steps
@@ -43,6 +43,19 @@ HAND = {
     "chosen_safe": torch.tensor([1, 1, 1, 0, 1, 0, 1, -1]),
     "rejected_safe": torch.tensor([0, 1, 0, 0, 1, 0, 1, -1]),
 }
+
+
+
+def test_accuracy_by_kind_of_pair_groups_either_order_and_skips_pairs_without_kinds():
+    kinds = [("concise", "rambling"), ("rambling", "concise"), ("concise", "wrong"), ("wrong", "concise"),
+             ("concise", "wrong"), ("partial", "wrong"), None, ("concise", "rambling")]
+    records = [{"meta": {"annotation": {"chosen_kind": k[0], "rejected_kind": k[1]}}} if k else {"meta": {}}
+               for k in kinds]
+    # Correct (chosen strictly higher), as in the hand-made batch: 1 0 1 0 0(tie) 1 0 1.
+    out = pair_kind_accuracy(records, HAND["r_chosen"], HAND["r_rejected"])
+    assert out == {"concise / rambling": {"accuracy": 2 / 3, "pairs": 3},
+                   "concise / wrong": {"accuracy": 1 / 3, "pairs": 3},
+                   "partial / wrong": {"accuracy": 1.0, "pairs": 1}}
 
 
 def test_reward_metrics_on_a_hand_made_batch():
